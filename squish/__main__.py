@@ -1,0 +1,5 @@
+import sys
+
+from squish.cli import main
+
+sys.exit(main())

