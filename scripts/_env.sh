@@ -14,4 +14,4 @@ else
   fi
   UV="$ROOT/.tools/bin/uv"
 fi
-"$UV" sync --frozen --quiet "$@"
+"$UV" sync --frozen --inexact --quiet ${SQUISH_SYNC_ARGS:-}
