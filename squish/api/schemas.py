@@ -1,0 +1,234 @@
+"""OpenAI request bodies as pydantic models, validated before any tokenization.
+
+Unknown fields are rejected (``extra="forbid"``) rather than ignored, and known
+OpenAI fields whose feature Squish does not implement are accepted only at the
+value that means "off" (``n=1``, ``tools`` absent, ...); anything else is a 400
+naming the parameter. Type/range problems are 422. ``squish.api.errors`` maps
+pydantic's errors onto those codes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from squish.runtime.sampling import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SamplingParams
+
+# C0 controls other than tab/newline/carriage return, DEL, and lone surrogates
+# (which JSON can encode as \ud800 but UTF-8 cannot).
+_BAD_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+
+
+class Limits(BaseModel):
+    """Caps applied to every request (set from ``squish serve`` options)."""
+
+    max_messages: int = 256
+    max_content_chars: int = 100_000
+    max_tokens: int = 4096
+
+
+class UnsupportedParameter(ValueError):
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def check_text(value: str, where: str) -> str:
+    m = _BAD_CHARS.search(value)
+    if m:
+        raise ValueError(
+            f"{where} contains an invalid character U+{ord(m.group()):04X}; "
+            "control characters and unpaired surrogates are not accepted"
+        )
+    return value
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    min_p: Probability = 0.0
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return v
+        items = [v] if isinstance(v, str) else v
+        if len(items) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed")
+        for s in items:
+            if not s:
+                raise ValueError("stop sequences must not be empty")
+            if len(s) > 256:
+                raise ValueError("stop sequences are limited to 256 characters")
+            check_text(s, "stop")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if v is None:
+            return v
+        if len(v) > 1024:
+            raise ValueError("logit_bias is limited to 1024 entries")
+        for k in v:
+            if not k.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {k!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.n != 1:
+            raise UnsupportedParameter("n", "n > 1 is not supported; send separate requests")
+        if self.stream_options is not None and not self.stream:
+            raise UnsupportedParameter("stream_options", "stream_options is only allowed when stream is true")
+        return self
+
+    def stop_tuple(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def sampling(self, max_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
+            stop=self.stop_tuple(),
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+        )
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Any = None
+    tool_choice: Any = None
+    response_format: Any = None
+
+    @model_validator(mode="after")
+    def _chat_unsupported(self):
+        if self.tools:
+            raise UnsupportedParameter("tools", "tools / function calling is not supported by this server yet")
+        if self.tool_choice not in (None, "none"):
+            raise UnsupportedParameter("tool_choice", "tool_choice requires tools, which are not supported")
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            raise UnsupportedParameter("response_format", "only response_format {\"type\": \"text\"} is supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise UnsupportedParameter("top_logprobs", "top_logprobs requires logprobs to be true")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            if self.max_tokens != self.max_completion_tokens:
+                raise UnsupportedParameter(
+                    "max_completion_tokens", "max_tokens and max_completion_tokens disagree; send one"
+                )
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int]
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _completion_unsupported(self):
+        if self.echo:
+            raise UnsupportedParameter("echo", "echo is not supported")
+        if self.suffix:
+            raise UnsupportedParameter("suffix", "suffix (insertion) is not supported")
+        if self.best_of not in (None, 1):
+            raise UnsupportedParameter("best_of", "best_of > 1 is not supported")
+        if isinstance(self.prompt, list):
+            if not self.prompt:
+                raise ValueError("prompt must not be empty")
+            if isinstance(self.prompt[0], str) and len(self.prompt) != 1:
+                raise UnsupportedParameter("prompt", "batched prompts are not supported; send one prompt per request")
+        return self
+
+    def requested_max_tokens(self) -> int:
+        # The legacy completions API defaults max_tokens to 16.
+        return self.max_tokens if self.max_tokens is not None else 16
+
+
+def check_limits(req: _Common, limits: Limits) -> None:
+    """Size caps and character checks (raises ValueError with a user message)."""
+    if isinstance(req, ChatRequest):
+        if len(req.messages) > limits.max_messages:
+            raise ValueError(f"too many messages: {len(req.messages)} > {limits.max_messages}")
+        total = 0
+        for i, m in enumerate(req.messages):
+            text = m.text()
+            check_text(text, f"messages[{i}].content")
+            total += len(text)
+        if total > limits.max_content_chars:
+            raise ValueError(f"messages are too long: {total} characters > {limits.max_content_chars}")
+    else:
+        p = req.prompt
+        if isinstance(p, list) and p and isinstance(p[0], str):
+            p = p[0]
+        if isinstance(p, str):
+            check_text(p, "prompt")
+            if len(p) > limits.max_content_chars:
+                raise ValueError(f"prompt is too long: {len(p)} characters > {limits.max_content_chars}")
+        elif len(p) > limits.max_content_chars:
+            raise ValueError(f"prompt is too long: {len(p)} tokens")
+    mt = req.requested_max_tokens()
+    if mt is not None and mt > limits.max_tokens:
+        raise ValueError(f"max_tokens {mt} exceeds this server's cap of {limits.max_tokens}")

@@ -1,0 +1,402 @@
+"""The inference engine: one thread owns every MLX object.
+
+HTTP handlers never call MLX. They tokenize (pure Python / Rust, no MLX), build
+a ``Request`` and call ``Engine.submit``; the engine thread runs continuous
+batching with mlx_lm's ``BatchGenerator`` and pushes events into the request's
+asyncio queue.
+
+Shared structures and how each is synchronised
+----------------------------------------------
+``Engine._inbox`` (``queue.Queue``)
+    Commands ``("submit", Request)``, ``("cancel", rid)``, ``("stop", None)``.
+    Written by any thread, read only by the engine thread. The queue is the
+    only way work reaches the engine.
+``Engine._inflight`` (int) under ``Engine._lock``
+    Requests submitted and not yet finished; ``submit`` refuses with
+    ``QueueFull`` once it reaches ``max_batch + max_queue`` (bounded memory).
+    Incremented by ``submit`` (handler threads), decremented by the engine
+    thread when it emits a request's final event.
+``Request.events`` (``asyncio.Queue``)
+    Belongs to the event loop that submitted the request. The engine thread
+    only ever adds to it through ``loop.call_soon_threadsafe``; the handler
+    reads it on its loop. The last event of a request is always a
+    ``Finish`` or an ``Error``.
+``Engine.ready`` / ``Engine.failed`` (``threading.Event``), ``load_error``,
+``model_info``
+    Written once by the engine thread after loading (before setting the
+    event), read by handlers after checking the event.
+The tokenizer (``model_info.tokenizer``) is shared read-only: handler threads
+use it to encode prompts, the engine thread to decode. HF fast tokenizers are
+safe for concurrent encode/decode.
+Everything else (model, ``BatchGenerator``, KV caches, ``PrefixCache``, the
+waiting deque, the active table, text streams) is touched only by the engine
+thread and needs no lock. The ``observer`` (metrics) must be thread-safe;
+prometheus_client's metrics are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from squish.runtime.detokenizer import TextStream, detect_loop
+from squish.runtime.sampling import SamplingParams
+
+log = logging.getLogger("squish.engine")
+
+LOOP_CHECK_EVERY = 8
+
+
+class QueueFull(Exception):
+    """The bounded request queue is full (HTTP 503)."""
+
+
+class NotReady(Exception):
+    """The model is still loading or failed to load (HTTP 503)."""
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class Delta:
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Finish:
+    reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class Error:
+    kind: str  # "timeout" | "queue_timeout" | "numerical" | "internal"
+    message: str
+
+
+@dataclass
+class Request:
+    rid: str
+    prompt: list[int]
+    params: SamplingParams
+    timeout: float
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    submitted: float = field(default_factory=time.monotonic)
+
+    @property
+    def deadline(self) -> float:
+        return self.submitted + self.timeout
+
+
+class NullObserver:
+    """Receives engine measurements; the API's metrics module implements it."""
+
+    def first_token(self, seconds: float) -> None: ...
+    def token_gap(self, seconds: float) -> None: ...
+    def finished(self, status: str, prompt: int, completion: int, cached: int) -> None: ...
+    def step(self, batch: int, waiting: int, cache_bytes: int) -> None: ...
+
+
+@dataclass
+class _Active:
+    req: Request
+    uid: int
+    stream: TextStream
+    cached: int
+    generated: list[int] = field(default_factory=list)
+    first_at: float | None = None
+    last_at: float | None = None
+
+
+class Engine:
+    def __init__(
+        self,
+        load: Callable[[], Any],
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        queue_timeout: float = 60.0,
+        prefix_cache_bytes: int = 256 << 20,
+        prefill_step: int = 512,
+        observer: Any = None,
+    ):
+        self._load = load
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.queue_timeout = queue_timeout
+        self._prefix_bytes = prefix_cache_bytes
+        self._prefill_step = prefill_step
+        self.obs = observer or NullObserver()
+        self._inbox: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self.ready = threading.Event()
+        self.failed = threading.Event()
+        self.load_error: str | None = None
+        self.model_info: Any = None
+        self._thread = threading.Thread(target=self._main, name="squish-engine", daemon=True)
+
+    # ---- any thread ------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout)
+
+    @property
+    def inflight(self) -> int:
+        with self._lock:
+            return self._inflight
+
+    def submit(self, req: Request) -> None:
+        if not self.ready.is_set():
+            raise NotReady(self.load_error or "the model is still loading")
+        with self._lock:
+            if self._inflight >= self.max_batch + self.max_queue:
+                raise QueueFull(
+                    f"server busy: {self._inflight} requests in flight "
+                    f"(limit {self.max_batch + self.max_queue}); retry shortly"
+                )
+            self._inflight += 1
+        self._inbox.put(("submit", req))
+
+    def cancel(self, rid: str) -> None:
+        self._inbox.put(("cancel", rid))
+
+    # ---- engine thread ---------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self.model_info = self._load()
+            self._setup()
+        except Exception as exc:  # noqa: BLE001 - reported via /health and logs
+            log.exception("model failed to load")
+            self.load_error = f"model failed to load: {exc}"
+            self.failed.set()
+            return
+        self.ready.set()
+        log.info("model %s ready", self.model_info.name)
+        try:
+            self._loop()
+        except Exception:  # noqa: BLE001 - never leave clients waiting forever
+            log.exception("engine thread crashed; failing all requests")
+            self.load_error = "the inference engine crashed; see the server log"
+            self.ready.clear()
+            self.failed.set()
+            self._shutdown()
+        finally:
+            self._gen.close()
+
+    def _setup(self) -> None:
+        from mlx_lm.generate import BatchGenerator
+
+        from squish.runtime.prompt_cache import PrefixCache
+
+        info = self.model_info
+        self._eos = set(info.tokenizer.eos_token_ids)
+        self._gen = BatchGenerator(
+            info.model,
+            stop_tokens=[[t] for t in sorted(self._eos)],
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=self.max_batch,
+            prefill_step_size=self._prefill_step,
+        )
+        self._prefix = PrefixCache(self._prefix_bytes)
+        self._waiting: deque[Request] = deque()
+        self._active: dict[int, _Active] = {}
+        self._by_rid: dict[str, int] = {}
+
+    def _loop(self) -> None:
+        while True:
+            idle = not self._active and not self._waiting
+            try:
+                cmd = self._inbox.get(timeout=0.25) if idle else self._inbox.get_nowait()
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                if cmd[0] == "stop":
+                    self._shutdown()
+                    return
+                self._command(cmd)
+                try:
+                    cmd = self._inbox.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            self._expire()
+            self._admit()
+            self.obs.step(len(self._active), len(self._waiting), self._prefix.nbytes)
+            if self._active:
+                self._step()
+
+    def _command(self, cmd) -> None:
+        kind, arg = cmd
+        if kind == "submit":
+            self._waiting.append(arg)
+        elif kind == "cancel":
+            uid = self._by_rid.get(arg)
+            if uid is not None:
+                self._end(self._active[uid], Finish("cancelled", 0, 0, 0), remove=True)
+            else:
+                for req in list(self._waiting):
+                    if req.rid == arg:
+                        self._waiting.remove(req)
+                        self._emit_final(req, Finish("cancelled", len(req.prompt), 0, 0), "cancelled")
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for req in list(self._waiting):
+            if now > req.deadline:
+                self._waiting.remove(req)
+                self._emit_final(req, Error("timeout", f"request timed out after {req.timeout:g}s"), "timeout")
+            elif now - req.submitted > self.queue_timeout:
+                self._waiting.remove(req)
+                self._emit_final(
+                    req,
+                    Error("queue_timeout", f"waited {self.queue_timeout:g}s in the queue; server overloaded"),
+                    "queue_timeout",
+                )
+        for st in list(self._active.values()):
+            if now > st.req.deadline:
+                log.warning("request %s timed out after %gs", st.req.rid, st.req.timeout)
+                self._end(st, Error("timeout", f"request timed out after {st.req.timeout:g}s"), remove=True)
+
+    def _admit(self) -> None:
+        from squish.runtime.sampling import build_processors, build_sampler
+
+        while self._waiting and len(self._active) < self.max_batch:
+            req = self._waiting.popleft()
+            cache, cached = self._prefix.lookup(req.prompt)
+            p = req.params
+            uid = self._gen.insert(
+                [req.prompt[cached:]],
+                max_tokens=[p.max_tokens],
+                caches=[cache],
+                all_tokens=[req.prompt[:cached]],
+                samplers=[build_sampler(p, p.resolved_seed())],
+                logits_processors=[build_processors(p, len(req.prompt))],
+            )[0]
+            stream = TextStream(self.model_info.tokenizer, p.stop)
+            self._active[uid] = _Active(req, uid, stream, cached)
+            self._by_rid[req.rid] = uid
+
+    def _step(self) -> None:
+        import mlx.core as mx
+
+        try:
+            _, responses = self._gen.next()
+            if not responses:
+                return
+            chosen = mx.stack([r.logprobs[r.token] for r in responses]).tolist()
+        except Exception as exc:  # noqa: BLE001 - keep serving other requests
+            log.exception("decode step failed; failing %d active requests", len(self._active))
+            for st in list(self._active.values()):
+                self._end(st, Error("internal", f"inference failed: {exc}"), remove=True)
+            return
+        now = time.monotonic()
+        for r, lp in zip(responses, chosen):
+            st = self._active.get(r.uid)
+            if st is None:
+                continue
+            done = r.finish_reason is not None
+            if not math.isfinite(lp):
+                log.error("request %s: non-finite logits at token %d; aborted", st.req.rid, len(st.generated))
+                self._end(st, Error("numerical", "the model produced NaN/Inf logits; request aborted"), remove=not done)
+                continue
+            if st.first_at is None:
+                st.first_at = now
+                self.obs.first_token(now - st.req.submitted)
+            else:
+                self.obs.token_gap(now - st.last_at)
+            st.last_at = now
+            if r.finish_reason == "stop" and r.token in self._eos:
+                self._finish(st, "stop", st.stream.finish(), remove=False, cache=(r.prompt_cache, r.all_tokens))
+                continue
+            st.generated.append(r.token)
+            text = st.stream.push(r.token)
+            delta = Delta(text, self._logprobs(st, r, lp))
+            if st.stream.stopped:
+                self._finish(st, "stop", text, remove=not done, cache=(r.prompt_cache, r.all_tokens), delta=delta)
+            elif done:
+                text += st.stream.finish()
+                delta.text = text
+                self._finish(st, r.finish_reason, text, remove=False, cache=(r.prompt_cache, r.all_tokens), delta=delta)
+            elif len(st.generated) % LOOP_CHECK_EVERY == 0 and detect_loop(st.generated):
+                log.warning("request %s: repetition loop after %d tokens; stopped", st.req.rid, len(st.generated))
+                text += st.stream.finish()
+                delta.text = text
+                self._finish(st, "length", text, remove=True, delta=delta)
+            elif delta.text or delta.logprobs:
+                self._put(st.req, delta)
+
+    def _logprobs(self, st: _Active, r, lp: float) -> list[TokenLogprob]:
+        p = st.req.params
+        if not p.logprobs:
+            return []
+        from squish.runtime.sampling import top_logprobs
+
+        tok = self.model_info.tokenizer
+        top = [(tok.decode([t]), v) for t, v in top_logprobs(r.logprobs, p.top_logprobs)]
+        return [TokenLogprob(tok.decode([r.token]), lp, top)]
+
+    def _finish(self, st, reason, text, *, remove, cache=(None, None), delta=None) -> None:
+        if delta is None:
+            delta = Delta(text)
+        if delta.text or delta.logprobs:
+            self._put(st.req, delta)
+        fin = Finish(reason, len(st.req.prompt), len(st.generated), st.cached)
+        self._end(st, fin, remove=remove, cache=cache)
+
+    def _end(self, st: _Active, final, *, remove: bool, cache=(None, None)) -> None:
+        self._active.pop(st.uid, None)
+        self._by_rid.pop(st.req.rid, None)
+        kv, tokens = cache
+        if remove:
+            got = self._gen.remove([st.uid], return_prompt_caches=True).get(st.uid)
+            if got is not None:
+                kv, tokens = got
+        if kv is not None and tokens is not None and not isinstance(final, Error):
+            self._prefix.store(list(tokens), kv)
+        if isinstance(final, Finish):
+            final = Finish(final.reason, len(st.req.prompt), len(st.generated), st.cached)
+            status = final.reason
+        else:
+            status = final.kind
+        self._emit_final(st.req, final, status)
+
+    def _emit_final(self, req: Request, final, status: str) -> None:
+        if isinstance(final, Finish):
+            self.obs.finished(status, final.prompt_tokens, final.completion_tokens, final.cached_tokens)
+        else:
+            self.obs.finished(status, len(req.prompt), 0, 0)
+        with self._lock:
+            self._inflight -= 1
+        self._put(req, final)
+
+    def _put(self, req: Request, event) -> None:
+        try:
+            req.loop.call_soon_threadsafe(req.events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            pass
+
+    def _shutdown(self) -> None:
+        for st in list(self._active.values()):
+            self._end(st, Error("internal", "server shutting down"), remove=True)
+        for req in list(self._waiting):
+            self._emit_final(req, Error("internal", "server shutting down"), "internal")
+        self._waiting.clear()

@@ -1,0 +1,261 @@
+"""End to end: a real ``squish serve`` subprocess with the SmolLM2 INT4 artifact,
+driven by the official ``openai`` client. Every test ends by checking that the
+server is still healthy."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+KEY = "e2e-key"
+REQUEST_TIMEOUT_S = 120
+FRUITS = [{"role": "user", "content": "List three fruits."}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, artifact: Path, *extra: str, timeout: float = REQUEST_TIMEOUT_S):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "SQUISH_API_KEY": KEY}
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="squish-serve-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "squish", "serve", str(artifact), "--port", str(self.port),
+             "--request-timeout", str(timeout), *extra],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.output()
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        else:
+            raise AssertionError("server did not become ready:\n" + self.output())
+        self.model = httpx.get(self.url + "/health").json()["model"]
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", KEY), max_retries=0,
+                             timeout=60, **kw)
+
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+
+    def healthy(self) -> None:
+        r = httpx.get(self.url + "/health", timeout=10)
+        assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+        assert self.proc.poll() is None
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(20)
+        finally:
+            self.log.close()
+
+    def cleanup(self) -> None:
+        os.unlink(self.log.name)
+
+
+@pytest.fixture(scope="module")
+def artifact(request) -> Path:
+    """The shared SmolLM2 INT4 artifact; SQUISH_E2E_ARTIFACT=PATH reuses an
+    existing build instead (for iterating on these tests)."""
+    given = os.environ.get("SQUISH_E2E_ARTIFACT")
+    return Path(given) if given else request.getfixturevalue("smollm2_artifact")
+
+
+@pytest.fixture(scope="module")
+def server(artifact):
+    s = Server(artifact, "--rate-limit", "600", "--rate-burst", "60")
+    yield s
+    assert s.stop() == 0
+    out = Path(s.log.name).read_text()
+    s.cleanup()
+    assert "List three fruits" not in out  # prompts never reach the log
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_models(server):
+    ids = [m.id for m in server.client().models.list().data]
+    assert ids == [server.model]
+    server.healthy()
+
+
+def test_chat_non_stream_and_stream_agree(server):
+    c = server.client()
+    full = c.chat.completions.create(model=server.model, messages=FRUITS, max_tokens=40, temperature=0)
+    text = full.choices[0].message.content
+    assert full.choices[0].finish_reason in ("stop", "length")
+    assert sum(f in text.lower() for f in ("apple", "banana", "orange", "grape", "strawberr", "mango")) >= 2, text
+    chunks = list(c.chat.completions.create(model=server.model, messages=FRUITS, max_tokens=40,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert streamed == text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    server.healthy()
+
+
+def test_completions(server):
+    r = server.client().completions.create(model=server.model, prompt="The capital of France is",
+                                           max_tokens=8, temperature=0)
+    assert r.choices[0].text.strip() and r.usage.completion_tokens <= 8
+    server.healthy()
+
+
+def test_stop_strings(server):
+    c = server.client()
+    base = c.chat.completions.create(model=server.model, messages=FRUITS, max_tokens=40,
+                                     temperature=0).choices[0].message.content
+    word = next(w for w in re.findall(r"[A-Za-z]{4,}", base)[1:])
+    r = c.chat.completions.create(model=server.model, messages=FRUITS, max_tokens=40, temperature=0,
+                                  stop=[word, "zzzz-never"])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == base[: base.index(word)]
+    server.healthy()
+
+
+def test_seed_determinism_and_prefix_cache(server):
+    c = server.client()
+    kw = dict(model=server.model, messages=FRUITS, max_tokens=24, temperature=1.0, top_p=0.95)
+    a = c.chat.completions.create(seed=1234, **kw)
+    b = c.chat.completions.create(seed=1234, **kw)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert b.usage.prompt_tokens_details.cached_tokens > 0  # same prompt: prefix reused
+    server.healthy()
+
+
+def test_eight_concurrent_streams(server):
+    c = server.client()
+
+    def one(i):
+        chunks = list(c.chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": f"Count from {i} to {i + 5}."}],
+            max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+        assert len({ch.id for ch in chunks}) == 1
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        return text, chunks[-1].usage
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    ref = c.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Count from 3 to 8."}],
+                                    max_tokens=16, temperature=0)
+    for text, usage in results:
+        assert text.strip() and 1 <= usage.completion_tokens <= 16
+    assert results[3][0] == ref.choices[0].message.content
+    assert _metric(server.metrics(), "squish_batch_size") >= 0
+    server.healthy()
+
+
+def test_disconnect_cancels(server):
+    before = _metric(server.metrics(), 'squish_completions_total{outcome="cancelled"}')
+    body = {"model": server.model, "messages": FRUITS, "max_tokens": 2000, "stream": True,
+            "temperature": 1.0, "logit_bias": {"2": -100}}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 4:
+                break
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if _metric(server.metrics(), 'squish_completions_total{outcome="cancelled"}') > before:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("generation was not cancelled after the client went away")
+    assert httpx.get(server.url + "/health").json()["inflight"] == 0
+    server.healthy()
+
+
+def test_timeout_fires(artifact):
+    short = Server(artifact, timeout=3)
+    try:
+        start = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as exc:
+            short.client().chat.completions.create(
+                model=short.model, messages=FRUITS, max_tokens=4000, temperature=1.2, seed=7,
+                frequency_penalty=0.5, logit_bias={"2": -100})
+        assert exc.value.status_code == 504 and "timed out" in exc.value.message
+        assert time.monotonic() - start < 3 + 10
+        short.healthy()
+    finally:
+        assert short.stop() == 0
+        short.cleanup()
+
+
+def test_bad_input(server):
+    c = server.client()
+    with pytest.raises(openai.BadRequestError, match="n > 1"):
+        c.chat.completions.create(model=server.model, messages=FRUITS, n=2)
+    with pytest.raises(openai.UnprocessableEntityError):
+        c.chat.completions.create(model=server.model, messages=FRUITS, temperature=5)
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="no-such-model", messages=FRUITS)
+    big = json.dumps({"model": server.model, "messages": [{"role": "user", "content": "x" * (2 << 20)}]})
+    r = httpx.post(server.url + "/v1/chat/completions", content=big,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 413
+    server.healthy()
+
+
+def test_401_without_key(server):
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong").models.list()
+    server.healthy()
+
+
+def test_memory_does_not_grow(server):
+    import psutil
+
+    proc = psutil.Process(server.proc.pid)
+    c = server.client()
+    rss = []
+    for i in range(16):
+        c.chat.completions.create(model=server.model, max_tokens=8, temperature=0,
+                                  messages=[{"role": "user", "content": "Say one word."}])
+        rss.append(proc.memory_info().rss)
+    growth = rss[-1] - rss[3]
+    assert not all(b > a for a, b in zip(rss[3:], rss[4:])), rss  # not monotonic
+    assert growth < 64 << 20, f"RSS grew {growth / 2**20:.1f} MiB over 12 requests"
+    server.healthy()
+
+
+def test_429_under_flood(server):
+    c = httpx.Client(headers={"Authorization": f"Bearer {KEY}"})
+    codes = [c.get(server.url + "/v1/models") for _ in range(120)]
+    limited = [r for r in codes if r.status_code == 429]
+    assert limited, "no 429 under a flood"
+    assert int(limited[0].headers["retry-after"]) >= 1
+    server.healthy()  # /health is never rate limited
