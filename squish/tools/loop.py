@@ -1,0 +1,175 @@
+"""The bounded corrective-retry loop around one chat completion with tools or JSON output.
+
+``complete`` runs ``generate(messages)`` (the API's coroutine: render, submit
+to the engine, collect the text) up to ``max_attempts`` times. An attempt
+fails when:
+
+- generation hit NaN/Inf logits (``numerical``), a repetition loop
+  (``repetition``), a grammar error (``grammar``), or ``max_tokens`` in the
+  middle of a call or JSON value (``length``);
+- a call does not parse (``parse_error``), names an unknown function
+  (``unknown_tool``), or its arguments fail the tool's JSON Schema
+  (``schema_error``, checked with ``jsonschema``); with ``required`` or a named
+  ``tool_choice``, a reply without a call (``no_call``), or a call to another
+  function (``unknown_tool``);
+- a ``response_format`` reply is not JSON, not an object, or fails the schema.
+
+After a failure the next attempt sees the failed reply as an assistant turn
+and a corrective user turn naming the error (``CORRECTION``). If every attempt
+fails, ``ToolCallFailed`` (HTTP 500, code ``tool_call_failed``) names the last
+error and lists each attempt's cause: the client never gets a half-parsed call.
+
+With ``parallel_tool_calls`` false, only the first valid call is returned.
+
+Counters (``ToolStats``, thread-safe, one process-wide ``STATS``) for
+``/metrics``: attempts, retries by cause, requests rescued by a retry,
+requests failed by final cause.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from squish.tools import validate
+from squish.tools.errors import ToolCallFailed
+from squish.tools.families.base import TaggedFamily
+from squish.tools.registry import to_openai
+from squish.tools.spec import OutputFormat, ToolChoice, ToolSpec
+
+DEFAULT_MAX_ATTEMPTS = 3
+CORRECTION = (
+    "Your previous reply was invalid: {error}. Reply again, correctly: {expected}"
+)
+
+
+class ToolStats:
+    """Process-wide retry counters; ``snapshot()`` is what /metrics exports."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._c: Counter = Counter()
+
+    def add(self, event: str, cause: str = "", n: int = 1) -> None:
+        with self._lock:
+            self._c[(event, cause)] += n
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        """``{(event, cause): count}``; events: ``attempt``, ``retry`` (cause),
+        ``rescued``, ``failed`` (cause), ``ok``."""
+        with self._lock:
+            return dict(self._c)
+
+
+STATS = ToolStats()
+
+
+@dataclass
+class Outcome:
+    content: str | None
+    tool_calls: list[dict] = field(default_factory=list)
+    finish_reason: str = "stop"  # "stop" | "length" | "tool_calls"
+    value: object = None  # the parsed JSON of a response_format reply
+    attempts: int = 1
+    causes: list[str] = field(default_factory=list)  # cause of each failed attempt
+
+
+@dataclass
+class Task:
+    """What one request asks of the reply."""
+
+    family: TaggedFamily
+    tools: list[ToolSpec] = field(default_factory=list)
+    choice: ToolChoice = field(default_factory=lambda: ToolChoice("none"))
+    parallel: bool = True
+    fmt: OutputFormat | None = None
+
+    @property
+    def wants_calls(self) -> bool:
+        return self.choice.mode in ("required", "function")
+
+    def expected(self) -> str:
+        if self.choice.mode == "function":
+            return f"call the function {self.choice.name} in the format described."
+        if self.choice.mode == "required":
+            return "call one of the functions in the format described."
+        if self.choice.mode == "auto":
+            return "either answer in plain text or call a function in the format described."
+        if self.fmt is not None and self.fmt.schema is not None:
+            return "reply with one JSON object that matches the schema, and nothing else."
+        return "reply with one JSON object, and nothing else."
+
+
+def judge(task: Task, gen) -> tuple[Outcome | None, tuple[str, str] | None]:
+    """Turn one generation into an ``Outcome``, or a ``(cause, message)`` failure."""
+    if gen.problem == "numerical":
+        return None, ("numerical", "the model produced NaN/Inf logits")
+    if gen.problem == "repetition":
+        return None, ("repetition", "the reply got stuck repeating itself")
+    if gen.problem == "grammar":
+        return None, ("grammar", f"constrained decoding failed: {gen.constraint_error}")
+    if task.fmt is not None:
+        if gen.finish_reason == "length":
+            return None, ("length", "max_tokens ended the reply before the JSON value was complete")
+        value, err = validate.check_json_output(gen.text, task.fmt.schema)
+        if err is not None:
+            return None, err
+        return Outcome(gen.text.strip(), value=value), None
+    if task.choice.mode == "none":
+        return Outcome(gen.text, finish_reason=gen.finish_reason), None
+    parsed = task.family.parse(gen.text)
+    by_name = {t.name: t for t in task.tools}
+    for call in parsed.calls:
+        err = validate.check_call(call, by_name)
+        if err is None and task.choice.mode == "function" and call.name != task.choice.name:
+            err = (validate.UNKNOWN_TOOL, f"called {call.name!r}, but {task.choice.name!r} was required")
+        if err is not None:
+            if gen.finish_reason == "length":
+                return None, ("length", "max_tokens ended the reply in the middle of a tool call")
+            return None, err
+    calls = parsed.calls[:1] if not task.parallel else parsed.calls
+    if not calls:
+        if task.wants_calls:
+            return None, (validate.NO_CALL, "the reply did not call a function")
+        return Outcome(parsed.content, finish_reason=gen.finish_reason), None
+    return Outcome(parsed.content or None, to_openai(calls), "tool_calls"), None
+
+
+def correction(messages: list, gen_text: str, task: Task, error: str) -> list:
+    return [*messages,
+            {"role": "assistant", "content": gen_text},
+            {"role": "user", "content": CORRECTION.format(error=error, expected=task.expected())}]
+
+
+async def complete(generate: Callable[[list], Awaitable], messages: list, task: Task, *,
+                   max_attempts: int = DEFAULT_MAX_ATTEMPTS, stats: ToolStats = STATS) -> Outcome:
+    """Generate, validate, and retry with a corrective message, at most ``max_attempts`` times.
+
+    ``generate(messages)`` returns an object with ``text``, ``finish_reason``
+    (``stop`` / ``length``), ``problem`` (None / ``numerical`` / ``repetition``
+    / ``grammar``) and ``constraint_error`` (``reference.Generation`` has them).
+    """
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+    causes: list[str] = []
+    convo = list(messages)
+    last = ""
+    for attempt in range(1, max_attempts + 1):
+        stats.add("attempt")
+        gen = await generate(convo)
+        outcome, err = judge(task, gen)
+        if err is None:
+            outcome.attempts, outcome.causes = attempt, causes
+            stats.add("rescued" if causes else "ok")
+            return outcome
+        cause, last = err
+        causes.append(cause)
+        if attempt < max_attempts:
+            stats.add("retry", cause)
+            convo = correction(messages, gen.text, task, last)
+    stats.add("failed", causes[-1])
+    raise ToolCallFailed(
+        f"the model produced no valid {'JSON output' if task.fmt else 'tool call'} in "
+        f"{max_attempts} attempt(s); last error: {last}", causes)

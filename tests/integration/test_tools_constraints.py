@@ -1,0 +1,234 @@
+"""Constrained decoding with llguidance on the real SmolLM2 tokenizer and model.
+
+Grammar-level tests walk the mask without the model (fast); model tests run
+the float32 reference of SmolLM2-135M-Instruct (the model the INT4 artifact is
+built from) with short outputs.
+"""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from squish.tools import constraints, loop, reference, registry, render, spec
+from squish.tools.errors import ToolRequestError
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags", "address"],
+          "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+                         "address": {"type": "object", "required": ["city"],
+                                     "properties": {"city": {"type": "string", "maxLength": 10},
+                                                    "zip": {"type": "string", "pattern": "^[0-9]{5}$"}}}}}
+TOOLS = spec.parse_tools([
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather for a city",
+     "parameters": {"type": "object", "required": ["city"], "additionalProperties": False,
+                    "properties": {"city": {"type": "string", "maxLength": 20},
+                                   "unit": {"enum": ["celsius", "fahrenheit"]}}}}},
+    {"type": "function", "function": {"name": "add", "description": "Add two integers",
+     "parameters": {"type": "object", "required": ["a", "b"], "additionalProperties": False,
+                    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}},
+])
+FAM = registry.by_name("smollm2")
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf, tmp_path_factory):
+    return reference.load_reference(smollm2_gguf, tmp_path_factory.mktemp("tools-ref"))
+
+
+@pytest.fixture(scope="module")
+def tok(smol):
+    return smol[1]
+
+
+def allowed(proc, tokens, vocab):
+    import mlx.core as mx
+
+    out = proc(mx.array(tokens), mx.zeros((1, vocab), dtype=mx.float32))
+    assert out.dtype == mx.float32 and out.shape == (1, vocab)
+    return np.flatnonzero(np.isfinite(np.array(out[0])))
+
+
+def random_walk(constraint, tok, prompt_len=3, steps=300, seed=0):
+    """Sample uniformly among allowed tokens until only EOS is left; returns the text."""
+    rng = random.Random(seed)
+    proc = constraint.processor(prompt_len)
+    tokens = [0] * prompt_len
+    eos = set(tok.eos_token_ids)
+    for step in range(steps):
+        ok = allowed(proc, tokens, 49152)
+        assert len(ok) > 0
+        non_eos = [int(t) for t in ok if t not in eos]
+        if not non_eos:
+            return tok.decode(tokens[prompt_len:]), proc
+        if len(non_eos) < len(ok) and rng.random() < 0.3:
+            t = next(iter(eos))
+        else:
+            # After a while prefer tokens that close strings, arrays and objects, so the walk ends.
+            closers = [t for t in non_eos if any(ch in tok.decode([t]) for ch in '"]}')] if step > 15 else []
+            t = rng.choice(closers or non_eos)
+        if t in eos:
+            return tok.decode(tokens[prompt_len:]), proc
+        tokens.append(t)
+    raise AssertionError("the grammar never ended")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_json_schema_mask_only_admits_valid_documents(tok, seed):
+    from squish.tools import validate
+
+    c = constraints.json_output(tok, spec.OutputFormat("json_schema", SCHEMA))
+    assert c.exact
+    text, proc = random_walk(c, tok, seed=seed)
+    assert proc.error is None
+    value, err = validate.check_json_output(text, SCHEMA)
+    assert err is None, (text, err)
+
+
+def test_json_object_and_eos_only_when_complete(tok):
+    c = constraints.json_output(tok, spec.OutputFormat("json_object"))
+    proc = c.processor(1)
+    eos = next(iter(tok.eos_token_ids))
+    first = allowed(proc, [5], 49152)
+    assert eos not in first and set(tok.decode([int(t)]) for t in first[:50]) <= {"{"} | set(
+        tok.decode([int(t)]) for t in first if tok.decode([int(t)]).startswith("{"))
+    ids = tok.encode('{"a": [1, 2]}')
+    ok = allowed(proc, [5, *ids], 49152)
+    assert list(ok) == [eos]  # complete object: only EOS
+
+
+def test_logits_wider_than_the_tokenizer_are_masked(tok):
+    c = constraints.json_output(tok, spec.OutputFormat("json_object"))
+    ok = allowed(c.processor(1), [5], 49152 + 64)
+    assert ok.max() < 49152
+
+
+def test_invalid_schema_for_the_grammar_engine_is_a_400(tok):
+    with pytest.raises(ToolRequestError, match="cannot be used for constrained decoding") as ei:
+        constraints.json_output(tok, spec.OutputFormat("json_schema", {"type": "object", "$ref": "#/nope"}))
+    assert ei.value.status == 400
+
+
+@pytest.mark.parametrize("choice", [spec.ToolChoice("required"), spec.ToolChoice("function", "add")])
+def test_tool_call_grammar_walk(tok, choice):
+    from squish.tools import validate
+
+    c = constraints.tool_calls(tok, FAM, TOOLS, choice, parallel=True)
+    for seed in range(2):
+        text, _ = random_walk(c, tok, seed=seed)
+        calls = FAM.parse(text).calls
+        assert calls and all(validate.check_call(k, {t.name: t for t in TOOLS}) is None for k in calls), text
+        if choice.mode == "function":
+            assert {k.name for k in calls} == {"add"}
+
+
+def test_none_has_no_constraint_and_unknown_named_is_400(tok):
+    assert constraints.tool_calls(tok, FAM, TOOLS, spec.ToolChoice("none")) is None
+    with pytest.raises(ToolRequestError):
+        constraints.tool_calls(tok, FAM, TOOLS, spec.ToolChoice("function", "nope"))
+
+
+def test_auto_is_free_until_the_marker_then_constrained(tok):
+    c = constraints.tool_calls(tok, FAM, TOOLS, spec.ToolChoice("auto"), parallel=False)
+    proc = c.processor(2)
+    prompt = [7, 8]
+    text_ids = tok.encode("Let me look.")
+    assert len(allowed(proc, prompt + text_ids, 49152)) == 49152  # free text: nothing masked
+    marker = tok.encode("\n<tool_call>")
+    ok = allowed(proc, prompt + text_ids + marker, 49152)
+    assert len(ok) < 100 and all("\n".startswith(tok.decode([int(t)])[:1]) for t in ok)
+    rest = tok.encode('\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>')
+    ok = allowed(proc, prompt + text_ids + marker + rest, 49152)
+    assert list(ok) == sorted(tok.eos_token_ids)  # parallel=False: one call, then only EOS
+    assert proc.error is None
+
+
+def test_auto_marker_split_inside_a_token(tok):
+    c = constraints.tool_calls(tok, FAM, TOOLS, spec.ToolChoice("auto"))
+    proc = c.processor(0)
+    ids = tok.encode('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}')
+    ok = allowed(proc, ids, 49152)
+    assert ok.size and proc.error is None
+    assert [tok.decode([int(t)]) for t in ok] == ["\n"]  # the call object is complete: "\n</tool_call>" next
+
+
+def test_bad_token_forces_eos_and_records_error(tok):
+    c = constraints.json_output(tok, spec.OutputFormat("json_object"))
+    proc = c.processor(0)
+    ok = allowed(proc, tok.encode("hello"), 49152)
+    assert list(ok) == sorted(tok.eos_token_ids) and proc.error
+
+
+def test_model_json_schema_output_validates(smol):
+    model, tok = smol
+    fmt = spec.OutputFormat("json_schema", {"type": "object", "additionalProperties": False,
+                                            "required": ["name", "color"],
+                                            "properties": {"name": {"type": "string", "maxLength": 20},
+                                                           "color": {"enum": ["black", "white", "orange"]}}})
+    ids = tok.apply_chat_template([{"role": "user", "content": "Describe a cat as JSON."}], add_generation_prompt=True)
+    g = reference.generate(model, tok, ids, max_tokens=40, constraint=constraints.json_output(tok, fmt))
+    assert g.finish_reason == "stop" and g.problem is None
+    value = json.loads(g.text)
+    assert set(value) == {"name", "color"} and value["color"] in ("black", "white", "orange")
+
+
+def test_model_agent_loop_call_then_result_then_answer(smol):
+    """Named tool_choice → a valid call; the tool result goes back through the
+    fallback prompt; with tool_choice none the model answers in text."""
+    import asyncio
+
+    model, tok = smol
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+    def make_generate(task, max_tokens):
+        c = constraints.tool_calls(tok, FAM, task.tools, task.choice, task.parallel)
+
+        async def generate(msgs):
+            ids = render.encode_chat(tok, msgs, task.tools, task.choice, FAM)
+            return reference.generate(model, tok, ids, max_tokens=max_tokens, constraint=c)
+        return generate
+
+    t1 = loop.Task(FAM, TOOLS, spec.ToolChoice("function", "get_weather"), parallel=False)
+    out = asyncio.run(loop.complete(make_generate(t1, 32), messages, t1, stats=loop.ToolStats()))
+    (call,) = out.tool_calls
+    assert out.finish_reason == "tool_calls" and call["function"]["name"] == "get_weather"
+    assert "city" in json.loads(call["function"]["arguments"])
+    messages += [{"role": "assistant", "content": None, "tool_calls": out.tool_calls},
+                 {"role": "tool", "tool_call_id": call["id"], "content": "Sunny, 24 degrees celsius"}]
+    t2 = loop.Task(FAM, TOOLS, spec.ToolChoice("none"))
+    final = asyncio.run(loop.complete(make_generate(t2, 12), messages, t2, stats=loop.ToolStats()))
+    assert final.tool_calls == [] and final.content.strip()
+    assert "<tool_call>" not in final.content
+
+
+def test_batched_requests_each_carry_their_own_matcher(smol):
+    """Two constrained requests in one mlx_lm BatchGenerator, different grammars."""
+    from mlx_lm.generate import BatchGenerator
+
+    model, tok = smol
+    eos = sorted(tok.eos_token_ids)
+    p1 = tok.apply_chat_template([{"role": "user", "content": "Add 2 and 3."}], add_generation_prompt=True)
+    p2 = tok.apply_chat_template([{"role": "user", "content": "A cat as JSON."}], add_generation_prompt=True)
+    c1 = constraints.tool_calls(tok, FAM, TOOLS, spec.ToolChoice("function", "add"), parallel=False)
+    c2 = constraints.json_output(tok, spec.OutputFormat("json_schema", {
+        "type": "object", "required": ["name"], "additionalProperties": False,
+        "properties": {"name": {"type": "string", "maxLength": 10}}}))
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in eos], completion_batch_size=2, prefill_batch_size=2)
+    try:
+        uids = gen.insert([p1, p2], max_tokens=[40, 30],
+                          logits_processors=[[c1.processor(len(p1))], [c2.processor(len(p2))]])
+        out = {u: [] for u in uids}
+        done = set()
+        while len(done) < 2:
+            _, responses = gen.next()
+            for r in responses:
+                if r.token not in eos:
+                    out[r.uid].append(r.token)
+                if r.finish_reason is not None:
+                    done.add(r.uid)
+    finally:
+        gen.close()
+    call = FAM.parse(tok.decode(out[uids[0]])).calls[0]
+    assert call.error is None and call.name == "add" and set(json.loads(call.arguments)) == {"a", "b"}
+    assert set(json.loads(tok.decode(out[uids[1]]))) == {"name"}

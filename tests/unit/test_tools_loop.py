@@ -1,0 +1,120 @@
+"""The corrective-retry loop, with scripted generations (no model)."""
+
+import asyncio
+import json
+
+import pytest
+
+from squish.tools import loop, registry, spec
+from squish.tools.errors import ToolCallFailed
+from squish.tools.reference import Generation
+
+FAM = registry.by_name("smollm2")
+TOOLS = spec.parse_tools([
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "now"}},
+])
+MSGS = [{"role": "user", "content": "2+3?"}]
+
+
+def call(name, args):
+    return FAM.format_call(name, args)
+
+
+def scripted(*gens):
+    seen = []
+
+    async def generate(messages):
+        seen.append(messages)
+        g = gens[len(seen) - 1]
+        return g if isinstance(g, Generation) else Generation(g, "stop")
+
+    return generate, seen
+
+
+def run(task, *gens, attempts=3):
+    stats = loop.ToolStats()
+    generate, seen = scripted(*gens)
+    try:
+        return asyncio.run(loop.complete(generate, MSGS, task, max_attempts=attempts, stats=stats)), seen, stats
+    except ToolCallFailed as exc:
+        return exc, seen, stats
+
+
+def task(mode="required", name=None, **kw):
+    return loop.Task(FAM, TOOLS, spec.ToolChoice(mode, name), **kw)
+
+
+def test_valid_call_first_try():
+    out, seen, stats = run(task(), call("add", {"a": 2, "b": 3}))
+    assert out.finish_reason == "tool_calls" and out.attempts == 1 and out.content is None
+    (c,) = out.tool_calls
+    assert c["function"]["name"] == "add" and json.loads(c["function"]["arguments"]) == {"a": 2, "b": 3}
+    assert stats.snapshot() == {("attempt", ""): 1, ("ok", ""): 1}
+
+
+def test_schema_error_is_corrected_and_counted_as_rescued():
+    out, seen, stats = run(task(), call("add", {"a": "2", "b": 3}), call("add", {"a": 2, "b": 3}))
+    assert out.attempts == 2 and out.causes == ["schema_error"]
+    fix = seen[1]
+    assert fix[:1] == MSGS and fix[1]["role"] == "assistant" and "<tool_call>" in fix[1]["content"]
+    assert fix[2]["role"] == "user" and "$.a" in fix[2]["content"] and "is not of type 'integer'" in fix[2]["content"]
+    snap = stats.snapshot()
+    assert snap[("retry", "schema_error")] == 1 and snap[("rescued", "")] == 1 and snap[("attempt", "")] == 2
+
+
+def test_all_attempts_fail_raises_clear_error():
+    bad = Generation("<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1\n</tool_call>", "stop")
+    rep = Generation("again again", "length", problem="repetition")
+    nan = Generation("", "stop", problem="numerical")
+    exc, seen, stats = run(task(), bad, rep, nan)
+    assert isinstance(exc, ToolCallFailed) and exc.status == 500 and exc.code == "tool_call_failed"
+    assert exc.attempts == ["parse_error", "repetition", "numerical"]
+    assert "3 attempt(s)" in str(exc) and "NaN/Inf" in str(exc)
+    snap = stats.snapshot()
+    assert snap[("failed", "numerical")] == 1 and snap[("retry", "parse_error")] == 1
+    assert snap[("retry", "repetition")] == 1 and ("ok", "") not in snap
+
+
+@pytest.mark.parametrize("text, cause", [
+    ("I cannot do that.", "no_call"),
+    (call("mul", {"a": 1}), "unknown_tool"),
+    (call("now", {}), "unknown_tool"),  # a named tool_choice wants "add"
+])
+def test_failures_by_cause(text, cause):
+    exc, _, _ = run(task("function", "add"), text, attempts=1)
+    assert isinstance(exc, ToolCallFailed) and exc.attempts == [cause]
+
+
+def test_auto_allows_text_and_parallel_false_keeps_first_call():
+    out, _, _ = run(task("auto"), "It is 5.")
+    assert (out.content, out.tool_calls, out.finish_reason) == ("It is 5.", [], "stop")
+    two = call("now", {}) + "\n" + call("add", {"a": 1, "b": 1})
+    out, _, _ = run(task("auto", parallel=False), two)
+    assert [c["function"]["name"] for c in out.tool_calls] == ["now"]
+    out, _, _ = run(task("auto"), two)
+    assert [c["function"]["name"] for c in out.tool_calls] == ["now", "add"]
+
+
+def test_length_mid_call_is_a_failure():
+    exc, _, _ = run(task(), Generation('<tool_call>\n{"name": "add", "argu', "length"), attempts=1)
+    assert exc.attempts == ["length"]
+
+
+def test_json_schema_output():
+    fmt = spec.parse_response_format({"type": "json_schema", "json_schema": {"name": "r", "schema": {
+        "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}})
+    t = loop.Task(FAM, fmt=fmt)
+    out, seen, _ = run(t, '{"n": "x"}', ' {"n": 4} ')
+    assert out.value == {"n": 4} and out.content == '{"n": 4}' and out.causes == ["schema_error"]
+    assert "matches the schema" in seen[1][2]["content"]
+    exc, _, _ = run(loop.Task(FAM, fmt=spec.OutputFormat("json_object")), "[1, 2]", "nope", '{"a": 1',
+                    attempts=3)
+    assert exc.attempts == ["schema_error", "parse_error", "parse_error"]
+
+
+def test_max_attempts_must_be_positive():
+    with pytest.raises(ValueError):
+        asyncio.run(loop.complete(scripted("x")[0], MSGS, task(), max_attempts=0))
