@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.baseline.cli import main
+
+sys.exit(main())
