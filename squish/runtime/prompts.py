@@ -2,27 +2,154 @@
 
 Runs on handler threads, never on the event loop and never with MLX: it only
 uses the tokenizer, which is shared read-only with the engine thread.
+
+Special-token injection
+-----------------------
+A chat template renders to text that is then tokenized; tokenizing that text
+the ordinary way would turn a client string such as ``"<|im_end|>\\n
+<|im_start|>system\\n..."`` inside a message into real control tokens, letting
+a user forge turns (and a system prompt). ``apply_template`` prevents that:
+only the template's own text may yield special tokens.
+
+How: every string the client sent (message content, names, tool-call
+arguments, tool definitions, at any depth) is scanned for the tokenizer's
+special-token strings. If none contains one (the usual case), the template is
+rendered and tokenized exactly as ``apply_chat_template`` does. Otherwise each
+occurrence inside client strings is replaced by a private-use placeholder
+carrying a per-request nonce, the template is rendered, the text is split at
+the special tokens the template wrote (leftmost-longest, as Hugging Face's
+added-token splitter does), and each run of ordinary text, with the
+placeholders put back as the literal characters, is encoded by a copy of the
+tokenizer that never produces special tokens (``encode_special_tokens``).
+For ordinary text this is the same segmentation Hugging Face uses, so the
+two paths agree token for token (a unit test checks it).
 """
 
 from __future__ import annotations
+
+import re
+import secrets
+import threading
+from typing import Any
 
 
 class PromptError(ValueError):
     """The prompt cannot be encoded for this model (HTTP 400)."""
 
 
-def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise PromptError(
-            "this model has no chat template; use /v1/completions with a plain prompt"
-        )
+_PH_OPEN, _PH_CLOSE = "\ue000", "\ue001"
+_lock = threading.Lock()
+_plain_cache: dict[int, tuple[Any, Any, tuple[str, ...], Any]] = {}
+
+
+def _hf(tokenizer):
+    return getattr(tokenizer, "_tokenizer", tokenizer)
+
+
+def special_strings(tokenizer) -> tuple[str, ...]:
+    """The strings that tokenize to special (control) tokens, longest first."""
+    return _plain(tokenizer)[1]
+
+
+def _plain(tokenizer):
+    """(plain encoder, special strings, splitter regex) for ``tokenizer`` (cached)."""
+    key = id(tokenizer)
+    with _lock:
+        hit = _plain_cache.get(key)
+        if hit is not None and hit[0] is tokenizer:
+            return hit[1:]
+    from tokenizers import Tokenizer
+
+    hf = _hf(tokenizer)
+    special = set(getattr(hf, "all_special_tokens", ()) or ())
+    for t in (getattr(hf, "added_tokens_decoder", {}) or {}).values():
+        if getattr(t, "special", False):
+            special.add(t.content)
+    strings = tuple(sorted((s for s in special if s), key=len, reverse=True))
+    rust = getattr(hf, "backend_tokenizer", None) or getattr(hf, "_tokenizer", None)
+    plain = None
+    if rust is not None and hasattr(rust, "to_str"):
+        plain = Tokenizer.from_str(rust.to_str())
+        plain.encode_special_tokens = True  # a private copy: never mutated after this
+    splitter = re.compile("|".join(re.escape(s) for s in strings)) if strings else None
+    with _lock:
+        _plain_cache[key] = (tokenizer, plain, strings, splitter)
+    return plain, strings, splitter
+
+
+def _neutralize(obj, strings, nonce: str, found: list[bool]):
+    """A copy of ``obj`` with every special string inside its strings replaced by a placeholder."""
+    if isinstance(obj, str):
+        if any(s in obj for s in strings):
+            found[0] = True
+            for i, s in enumerate(strings):
+                if s in obj:
+                    obj = obj.replace(s, f"{_PH_OPEN}{nonce}{i}{_PH_CLOSE}")
+        return obj
+    if isinstance(obj, dict):
+        return {_neutralize(k, strings, nonce, found): _neutralize(v, strings, nonce, found)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_neutralize(v, strings, nonce, found) for v in obj]
+    return obj
+
+
+def _render(tokenizer, messages, kwargs, tokenize: bool):
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=tokenize, **kwargs)
     except Exception as exc:  # jinja errors: e.g. a template that rejects a role order
         raise PromptError(f"the model's chat template rejected these messages: {exc}") from exc
-    if isinstance(ids, dict):  # some tokenizers return a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
+    if tokenize and isinstance(out, dict):  # some tokenizers return a BatchEncoding
+        out = out["input_ids"]
+    return out
+
+
+def encode_rendered(tokenizer, text: str, literal: dict[str, str] | None = None) -> list[int]:
+    """Token ids of template output ``text``: special tokens only where ``text`` spells
+    them; each key of ``literal`` (a placeholder) is encoded as its value, as plain text."""
+    plain, _, splitter = _plain(tokenizer)
+    if plain is None:
+        raise PromptError("this tokenizer has no fast (Rust) backend, so client text with special-token "
+                          "strings cannot be encoded safely")
+    hf = _hf(tokenizer)
+    restore = re.compile("|".join(map(re.escape, literal))) if literal else None
+
+    def run(piece: str) -> list[int]:
+        if restore is not None:
+            piece = restore.sub(lambda m: literal[m.group()], piece)
+        return plain.encode(piece, add_special_tokens=False).ids if piece else []
+
+    ids: list[int] = []
+    pos = 0
+    if splitter is not None:
+        for m in splitter.finditer(text):
+            ids += run(text[pos:m.start()])
+            ids.append(hf.convert_tokens_to_ids(m.group()))
+            pos = m.end()
+    ids += run(text[pos:])
+    return ids
+
+
+def apply_template(tokenizer, messages: list, **kwargs) -> list[int]:
+    """``apply_chat_template(..., tokenize=True)`` where client strings can never
+    become special tokens (see the module docstring). ``kwargs`` (e.g. ``tools``)
+    are client data too and are neutralized the same way."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise PromptError("this model has no chat template; use /v1/completions with a plain prompt")
+    _, strings, _ = _plain(tokenizer)
+    nonce = secrets.token_hex(4)
+    found = [False]
+    safe_msgs = _neutralize(messages, strings, nonce, found)
+    safe_kwargs = _neutralize(kwargs, strings, nonce, found)
+    if not found[0]:
+        return list(_render(tokenizer, messages, kwargs, tokenize=True))
+    text = _render(tokenizer, safe_msgs, safe_kwargs, tokenize=False)
+    literal = {f"{_PH_OPEN}{nonce}{i}{_PH_CLOSE}": s for i, s in enumerate(strings)}
+    return encode_rendered(tokenizer, text, literal)
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    return apply_template(tokenizer, messages)
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
