@@ -18,6 +18,42 @@ from prometheus_client import (
     generate_latest,
 )
 
+class _ToolCollector:
+    """Exports ``squish.tools.loop.ToolStats`` (tool calls / JSON outputs):
+
+    - ``squish_tool_attempts_total``: generations run by the retry loop;
+    - ``squish_tool_retries_total{cause}``: corrective retries, by the failed attempt's cause
+      (parse_error, schema_error, unknown_tool, no_call, call_not_allowed, length,
+      numerical, repetition, grammar);
+    - ``squish_tool_requests_total{result}``: requests by result: ``ok`` (first attempt),
+      ``rescued`` (valid after a retry), ``failed`` (every attempt failed);
+    - ``squish_tool_failures_total{cause}``: failed requests by the last attempt's cause.
+    """
+
+    def __init__(self, stats) -> None:
+        self.stats = stats
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        snap = self.stats.snapshot()
+        attempts = CounterMetricFamily("squish_tool_attempts", "Generations run by the tool/JSON retry loop")
+        attempts.add_metric([], snap.get(("attempt", ""), 0))
+        retries = CounterMetricFamily("squish_tool_retries", "Corrective retries by cause", labels=["cause"])
+        failures = CounterMetricFamily("squish_tool_failures", "Requests whose every attempt failed, "
+                                       "by the last cause", labels=["cause"])
+        results = CounterMetricFamily("squish_tool_requests", "Tool/JSON requests by result", labels=["result"])
+        for result in ("ok", "rescued"):
+            results.add_metric([result], snap.get((result, ""), 0))
+        results.add_metric(["failed"], sum(n for (ev, _), n in snap.items() if ev == "failed"))
+        for (ev, cause), n in sorted(snap.items()):
+            if ev == "retry":
+                retries.add_metric([cause], n)
+            elif ev == "failed":
+                failures.add_metric([cause], n)
+        return [attempts, retries, failures, results]
+
+
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -30,7 +66,7 @@ class Metrics:
         self.requests = Counter("squish_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=r)
         self.completions = Counter("squish_completions", "Generations by outcome "
-                                   "(stop, length, cancelled, timeout, numerical, ...)",
+                                   "(stop, length, cancelled, repetition, grammar, timeout, numerical, ...)",
                                    ["outcome"], registry=r)
         self.prompt_tokens = Counter("squish_prompt_tokens", "Prompt tokens processed", registry=r)
         self.completion_tokens = Counter("squish_completion_tokens", "Tokens generated", registry=r)
@@ -45,6 +81,10 @@ class Metrics:
         self.queue_depth = Gauge("squish_queue_depth", "Requests waiting for a batch slot", registry=r)
         self.batch_size = Gauge("squish_batch_size", "Requests in the running batch", registry=r)
         self.cache_bytes = Gauge("squish_prefix_cache_bytes", "Bytes held by the prefix cache", registry=r)
+        from squish.tools.loop import ToolStats
+
+        self.tool_stats = ToolStats()  # the retry loop counts into it (squish.api.toolcalls)
+        r.register(_ToolCollector(self.tool_stats))
 
     # engine observer interface
     def first_token(self, seconds: float) -> None:

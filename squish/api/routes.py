@@ -18,11 +18,13 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, StreamingResponse
 
+from squish.api import toolcalls
 from squish.api.errors import APIError
 from squish.api.schemas import ChatRequest, CompletionRequest, check_limits
 from squish.api.streaming import SSE_DONE, ChatShapes, CompletionShapes, sse
 from squish.runtime import engine as eng
 from squish.runtime.prompts import PromptError, encode_chat, encode_text
+from squish.tools.errors import ToolRequestError
 
 log = logging.getLogger("squish.api")
 router = APIRouter()
@@ -75,17 +77,64 @@ async def chat_completions(request: Request, body: ChatRequest):
     e = _engine(request)
     _check_model(request, body.model)
     _limits(request, body)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [m.template_dict() for m in body.messages]
     tok = e.model_info.tokenizer
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    shapes = ChatShapes(e.model_info.name, include_usage, body.logprobs)
+    if toolcalls.needs_tools(body):
+        return await _chat_tools(request, e, body, messages, shapes, include_usage)
     try:
         ids = await run_in_threadpool(encode_chat, tok, messages)
     except PromptError as exc:
         raise APIError(400, str(exc), param="messages") from exc
     top = body.top_logprobs or 0
     params = body.sampling(_max_tokens(request, len(ids), body.requested_max_tokens()), body.logprobs, top)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    shapes = ChatShapes(e.model_info.name, include_usage, body.logprobs)
     return await _run(request, e, ids, params, shapes, body.stream, "chat")
+
+
+async def _chat_tools(request: Request, e: eng.Engine, body: ChatRequest, messages: list, shapes, include_usage):
+    """Tools / tool messages / JSON response_format: see ``squish.api.toolcalls``."""
+    model_type = str((e.model_info.config or {}).get("model_type", ""))
+    try:
+        plan = await run_in_threadpool(toolcalls.plan, e.model_info.tokenizer, model_type, body)
+    except ToolRequestError as exc:
+        raise APIError(400, str(exc), param=exc.param, code="invalid_request_error") from exc
+
+    def account(status: str, fin) -> None:
+        _account(request, "chat", status, fin)
+
+    run = toolcalls.Run(request, e, body, plan,
+                        lambda n: _max_tokens(request, n, body.requested_max_tokens()), account)
+    try:
+        await run.prepare(messages)
+    except ToolRequestError as exc:
+        raise APIError(400, str(exc), param=exc.param, code="invalid_request_error") from exc
+    if body.stream:
+        return StreamingResponse(_tool_sse(run, messages, shapes, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        reply = await toolcalls.complete(run, messages, shapes)
+    except toolcalls.ClientGone:
+        log.info("%s client disconnected; cancelling", run.rid)
+        account("499", None)
+        return JSONResponse({}, status_code=499)
+    except APIError as exc:
+        account(str(exc.status), None)
+        raise
+    account("200", run.usage.finish(reply["choices"][0]["finish_reason"]))
+    return reply
+
+
+async def _tool_sse(run, messages, shapes, include_usage):
+    done = False
+    try:
+        async for chunk in toolcalls.stream(run, messages, shapes, include_usage):
+            yield chunk
+        done = True
+    finally:
+        if not done:
+            log.info("%s stream closed by client; cancelling", run.rid)
+            run.account("499", None)
 
 
 @router.post("/v1/completions")

@@ -2,7 +2,7 @@
 
 Unknown fields are rejected (``extra="forbid"``) rather than ignored, and known
 OpenAI fields whose feature Squish does not implement are accepted only at the
-value that means "off" (``n=1``, ``tools`` absent, ...); anything else is a 400
+value that means "off" (``n=1``, ...); anything else is a 400
 naming the parameter. Type/range problems are 422. ``squish.api.errors`` maps
 pydantic's errors onto those codes.
 """
@@ -56,15 +56,82 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatMessage(BaseModel):
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class FunctionCall(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """An assistant message's ``tool_calls`` entry (as a client sends it back)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    """A message as the OpenAI API defines it.
+
+    ``name`` (optional participant name, allowed on system / developer / user
+    / assistant messages) is passed to the chat template, which renders it if
+    it uses it; the API defines it as optional metadata, so a template without
+    it simply does not show it. Assistant messages may carry ``tool_calls``
+    (then ``content`` may be null); ``tool`` messages need ``tool_call_id``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(default=None, pattern=NAME_PATTERN)
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise UnsupportedParameter("messages.tool_calls", "only assistant messages may carry tool_calls")
+        if self.role == "tool":
+            if self.tool_call_id is None:
+                raise UnsupportedParameter("messages.tool_call_id", "tool messages need a tool_call_id")
+            if self.name is not None:
+                raise UnsupportedParameter("messages.name", "tool messages do not take a name")
+        elif self.tool_call_id is not None:
+            raise UnsupportedParameter("messages.tool_call_id", "only tool messages may carry tool_call_id")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise UnsupportedParameter("messages.content",
+                                       f"{self.role} messages need content (only an assistant message "
+                                       "with tool_calls may omit it)")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+    def client_strings(self) -> list[str]:
+        """Every string of the message that is checked for size and characters."""
+        out = [self.text()]
+        for c in self.tool_calls or ():
+            out += [c.function.name, c.function.arguments]
+        return out
+
+    def template_dict(self) -> dict:
+        """The message as chat templates (and ``squish.tools.render``) take it."""
+        d: dict = {"role": self.role, "content": None if self.content is None else self.text()}
+        if self.name is not None:
+            d["name"] = self.name
+        if self.tool_calls:
+            d["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        return d
 
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -155,18 +222,26 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: Any = None
-    tool_choice: Any = None
-    response_format: Any = None
+    # Checked in depth by squish.tools.spec (a bad schema or name is a 400 naming the field).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _chat_unsupported(self):
-        if self.tools:
-            raise UnsupportedParameter("tools", "tools / function calling is not supported by this server yet")
-        if self.tool_choice not in (None, "none"):
-            raise UnsupportedParameter("tool_choice", "tool_choice requires tools, which are not supported")
-        if self.response_format is not None and self.response_format != {"type": "text"}:
-            raise UnsupportedParameter("response_format", "only response_format {\"type\": \"text\"} is supported")
+        structured = bool(self.tools) and self.tool_choice != "none"
+        fmt = self.response_format is not None and self.response_format.get("type") != "text"
+        if structured and fmt:
+            raise UnsupportedParameter(
+                "response_format", "response_format json_object/json_schema cannot be combined with tools "
+                "unless tool_choice is 'none'; send one or the other")
+        if self.parallel_tool_calls is not None and not self.tools:
+            raise UnsupportedParameter("parallel_tool_calls", "parallel_tool_calls is only allowed when tools are given")
+        if self.logprobs and (structured or fmt):
+            raise UnsupportedParameter(
+                "logprobs", "logprobs are not available with tools or response_format (the reply may come "
+                "from a corrective retry); drop logprobs or send a plain chat request")
         if self.top_logprobs is not None and not self.logprobs:
             raise UnsupportedParameter("top_logprobs", "top_logprobs requires logprobs to be true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
@@ -214,9 +289,9 @@ def check_limits(req: _Common, limits: Limits) -> None:
             raise ValueError(f"too many messages: {len(req.messages)} > {limits.max_messages}")
         total = 0
         for i, m in enumerate(req.messages):
-            text = m.text()
-            check_text(text, f"messages[{i}].content")
-            total += len(text)
+            for text in m.client_strings():
+                check_text(text, f"messages[{i}]")
+                total += len(text)
         if total > limits.max_content_chars:
             raise ValueError(f"messages are too long: {total} characters > {limits.max_content_chars}")
     else:

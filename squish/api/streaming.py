@@ -95,6 +95,27 @@ class ChatShapes:
     def usage_chunk(self, fin: Finish) -> dict:
         return self._chunk([], usage=usage(fin))
 
+    def content(self, text: str) -> dict:
+        return self._chunk([{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
+
+    def tool_calls(self, fragments: list[dict]) -> dict:
+        """``delta.tool_calls`` fragments (``squish.tools.stream.ToolCallDelta.openai()``)."""
+        return self._chunk([{"index": 0, "delta": {"tool_calls": fragments}, "logprobs": None,
+                             "finish_reason": None}])
+
+    def finish(self, reason: str) -> dict:
+        return self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
+
+    def message(self, content: str | None, tool_calls: list[dict], reason: str, fin: Finish) -> dict:
+        """A non-streamed reply of the tool / structured-output path."""
+        msg: dict = {"role": "assistant", "content": content}
+        if tool_calls:
+            msg["tool_calls"] = tool_calls
+        return {"id": self.id, "object": "chat.completion", "created": self.created,
+                "model": self.model, "system_fingerprint": None,
+                "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": reason}],
+                "usage": usage(fin)}
+
     def full(self, text: str, lps: list[TokenLogprob], fin: Finish) -> dict:
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.model, "system_fingerprint": None,

@@ -25,6 +25,11 @@ Shared structures and how each is synchronised
 ``model_info``
     Written once by the engine thread after loading (before setting the
     event), read by handlers after checking the event.
+``Request.constraint`` (``squish.tools.constraints.Constraint`` or None)
+    Compiled on a handler thread before ``submit`` and read-only afterwards;
+    the engine thread calls ``processor(prompt_len)`` once at admission, which
+    deep-copies the compiled matcher, so the processor (and its matcher state)
+    belongs to the engine thread alone.
 The tokenizer (``model_info.tokenizer``) is shared read-only: handler threads
 use it to encode prompts, the engine thread to decode. HF fast tokenizers are
 safe for concurrent encode/decode.
@@ -77,10 +82,15 @@ class Delta:
 
 @dataclass
 class Finish:
-    reason: str  # "stop" | "length" | "cancelled"
+    reason: str  # "stop" | "length" | "cancelled" (the client-visible finish_reason)
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    # Why generation was cut short, beyond ``reason``: "repetition" (a loop was
+    # detected; ``reason`` stays "length", as the token budget was not worth
+    # spending) or "grammar" (the constraint's matcher failed and forced EOS).
+    problem: str | None = None
+    constraint_error: str | None = None
 
 
 @dataclass
@@ -98,6 +108,9 @@ class Request:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     submitted: float = field(default_factory=time.monotonic)
+    # A ``squish.tools.constraints.Constraint`` (or None): its per-request
+    # ``processor(prompt_len)`` runs last among the logits processors.
+    constraint: Any = None
 
     @property
     def deadline(self) -> float:
@@ -122,6 +135,8 @@ class _Active:
     generated: list[int] = field(default_factory=list)
     first_at: float | None = None
     last_at: float | None = None
+    processor: Any = None  # the constraint's processor, to read its ``error``
+    problem: str | None = None
 
 
 class Engine:
@@ -283,16 +298,21 @@ class Engine:
             req = self._waiting.popleft()
             cache, cached = self._prefix.lookup(req.prompt)
             p = req.params
+            procs = build_processors(p, len(req.prompt))
+            constrained = None
+            if req.constraint is not None:
+                constrained = req.constraint.processor(len(req.prompt))
+                procs.append(constrained)  # last: the mask sees every other adjustment
             uid = self._gen.insert(
                 [req.prompt[cached:]],
                 max_tokens=[p.max_tokens],
                 caches=[cache],
                 all_tokens=[req.prompt[:cached]],
                 samplers=[build_sampler(p, p.resolved_seed())],
-                logits_processors=[build_processors(p, len(req.prompt))],
+                logits_processors=[procs],
             )[0]
             stream = TextStream(self.model_info.tokenizer, p.stop)
-            self._active[uid] = _Active(req, uid, stream, cached)
+            self._active[uid] = _Active(req, uid, stream, cached, processor=constrained)
             self._by_rid[req.rid] = uid
 
     def _step(self) -> None:
@@ -338,6 +358,7 @@ class Engine:
                 self._finish(st, r.finish_reason, text, remove=False, cache=(r.prompt_cache, r.all_tokens), delta=delta)
             elif len(st.generated) % LOOP_CHECK_EVERY == 0 and detect_loop(st.generated):
                 log.warning("request %s: repetition loop after %d tokens; stopped", st.req.rid, len(st.generated))
+                st.problem = "repetition"
                 text += st.stream.finish()
                 delta.text = text
                 self._finish(st, "length", text, remove=True, delta=delta)
@@ -359,8 +380,7 @@ class Engine:
             delta = Delta(text)
         if delta.text or delta.logprobs:
             self._put(st.req, delta)
-        fin = Finish(reason, len(st.req.prompt), len(st.generated), st.cached)
-        self._end(st, fin, remove=remove, cache=cache)
+        self._end(st, Finish(reason, 0, 0, 0), remove=remove, cache=cache)
 
     def _end(self, st: _Active, final, *, remove: bool, cache=(None, None)) -> None:
         self._active.pop(st.uid, None)
@@ -373,8 +393,10 @@ class Engine:
         if kv is not None and tokens is not None and not isinstance(final, Error):
             self._prefix.store(list(tokens), kv)
         if isinstance(final, Finish):
-            final = Finish(final.reason, len(st.req.prompt), len(st.generated), st.cached)
-            status = final.reason
+            err = getattr(st.processor, "error", None)
+            problem = st.problem or ("grammar" if err is not None else None)
+            final = Finish(final.reason, len(st.req.prompt), len(st.generated), st.cached, problem, err)
+            status = problem or final.reason  # metrics outcome: "repetition" / "grammar" when set
         else:
             status = final.kind
         self._emit_final(st.req, final, status)

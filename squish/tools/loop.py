@@ -11,7 +11,9 @@ fails when:
   (``unknown_tool``), or its arguments fail the tool's JSON Schema
   (``schema_error``, checked with ``jsonschema``); with ``required`` or a named
   ``tool_choice``, a reply without a call (``no_call``), or a call to another
-  function (``unknown_tool``);
+  function (``unknown_tool``); with ``none`` (and tools given), a reply that
+  calls a function anyway (``call_not_allowed``: its raw markup must not
+  reach ``content``);
 - a ``response_format`` reply is not JSON, not an object, or fails the schema.
 
 After a failure the next attempt sees the failed reply as an assistant turn
@@ -20,6 +22,9 @@ fails, ``ToolCallFailed`` (HTTP 500, code ``tool_call_failed``) names the last
 error and lists each attempt's cause: the client never gets a half-parsed call.
 
 With ``parallel_tool_calls`` false, only the first valid call is returned.
+With parallel calls, a last call cut off by ``max_tokens`` after complete,
+valid calls is dropped (the complete ones are returned, as a stream would
+have sent them).
 
 Counters (``ToolStats``, thread-safe, one process-wide ``STATS``) for
 ``/metrics``: attempts, retries by cause, requests rescued by a retry,
@@ -40,6 +45,7 @@ from squish.tools.registry import to_openai
 from squish.tools.spec import OutputFormat, ToolChoice, ToolSpec
 
 DEFAULT_MAX_ATTEMPTS = 3
+CALL_NOT_ALLOWED = "call_not_allowed"
 CORRECTION = (
     "Your previous reply was invalid: {error}. Reply again, correctly: {expected}"
 )
@@ -118,23 +124,38 @@ def judge(task: Task, gen) -> tuple[Outcome | None, tuple[str, str] | None]:
             return None, err
         return Outcome(gen.text.strip(), value=value), None
     if task.choice.mode == "none":
+        if task.tools and called(task.family, gen.text):
+            return None, (CALL_NOT_ALLOWED, "tool_choice is 'none', so the reply must not call a function")
         return Outcome(gen.text, finish_reason=gen.finish_reason), None
     parsed = task.family.parse(gen.text)
     by_name = {t.name: t for t in task.tools}
-    for call in parsed.calls:
+    calls = parsed.calls
+    for i, call in enumerate(parsed.calls):
         err = validate.check_call(call, by_name)
         if err is None and task.choice.mode == "function" and call.name != task.choice.name:
             err = (validate.UNKNOWN_TOOL, f"called {call.name!r}, but {task.choice.name!r} was required")
         if err is not None:
             if gen.finish_reason == "length":
+                if i > 0 and i == len(parsed.calls) - 1:
+                    calls = parsed.calls[:i]  # complete calls, then one cut off by max_tokens: drop it
+                    break
                 return None, ("length", "max_tokens ended the reply in the middle of a tool call")
             return None, err
-    calls = parsed.calls[:1] if not task.parallel else parsed.calls
+    calls = calls[:1] if not task.parallel else calls
     if not calls:
         if task.wants_calls:
+            if gen.finish_reason == "length":
+                return None, ("length", "max_tokens ended the reply before a tool call was complete")
             return None, (validate.NO_CALL, "the reply did not call a function")
         return Outcome(parsed.content, finish_reason=gen.finish_reason), None
     return Outcome(parsed.content or None, to_openai(calls), "tool_calls"), None
+
+
+def called(family: TaggedFamily, text: str) -> bool:
+    """Whether ``text`` holds a call attempt: a family marker, or a parseable call."""
+    if family.end and family.start in text:
+        return True
+    return any(c.error is None for c in family.parse(text).calls)
 
 
 def correction(messages: list, gen_text: str, task: Task, error: str) -> list:

@@ -163,7 +163,10 @@ def fallback_messages(messages: list, tools: list[ToolSpec], choice: ToolChoice,
                     names[c["id"]] = name
                 blocks.append(family.format_call(name, args))
             content = "\n".join(blocks)
-        out.append({"role": role, "content": content})
+        msg = {"role": role, "content": content}
+        if m.get("name"):
+            msg["name"] = m["name"]  # optional participant name: the template shows it if it uses it
+        out.append(msg)
     flush()
     block = fallback_block(tools, choice, family) if tools else None
     if block is not None:
@@ -179,6 +182,8 @@ def encode_chat(tokenizer, messages: list, tools: list[ToolSpec], choice: ToolCh
     if not getattr(tokenizer, "chat_template", None):
         raise ToolRequestError("this model has no chat template, so it cannot take tools or tool messages",
                                "tools")
+    from squish.runtime.prompts import PromptError, apply_template
+
     kwargs = {}
     if supports_tools(tokenizer):
         msgs = native_messages(messages)
@@ -186,10 +191,7 @@ def encode_chat(tokenizer, messages: list, tools: list[ToolSpec], choice: ToolCh
             kwargs["tools"] = [t.openai() for t in tools]
     else:
         msgs = fallback_messages(messages, tools, choice, family)
-    try:
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, **kwargs)
-    except Exception as exc:  # jinja errors: a template that rejects a role order, ...
-        raise ToolRequestError(f"the model's chat template rejected these messages: {exc}", "messages") from exc
-    if isinstance(ids, dict):
-        ids = ids["input_ids"]
-    return list(ids)
+    try:  # client strings never become special tokens (see squish.runtime.prompts)
+        return apply_template(tokenizer, msgs, **kwargs)
+    except PromptError as exc:
+        raise ToolRequestError(str(exc), "messages") from exc

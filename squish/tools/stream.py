@@ -8,6 +8,12 @@ parsed, validated, and only then emitted as two fragments in OpenAI's shape:
 ``{"index", "id", "type", "function": {"name", "arguments": ""}}`` and
 ``{"index", "function": {"arguments": "<the whole JSON>"}}``. An invalid call is
 never emitted; it is recorded in ``failures`` for the retry loop.
+
+A call identical (same name and arguments) to one already accepted is never
+emitted either: small models with parallel calls allowed tend to repeat their
+call until ``max_tokens``. ``repeated`` then turns true, and the caller stops
+generation; ``accepted_end`` is where the text up to the last accepted block
+ends.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ class ToolStream:
     text: str = ""
     failures: list[tuple[str, str]] = field(default_factory=list)
     calls: list[ParsedCall] = field(default_factory=list)
+    repeated: bool = False  # a call repeated an accepted one (a loop); stop generating
+    accepted_end: int = 0  # end of the last block whose calls were all new
     _pos: int = 0  # everything before this index has been emitted or consumed
 
     def push(self, delta: str) -> list:
@@ -66,7 +74,13 @@ class ToolStream:
             rest = self.text[self._pos:]
             at = self.family.find_start(rest)
             if at < 0:
-                keep = 0 if final else self._holdback(rest)
+                keep = self._holdback(rest)
+                if final and keep:
+                    if keep >= 2 and rest.strip():
+                        # The output ended inside a call marker (max_tokens): a cut-off call, not content.
+                        self.failures.append(("length", "the reply ended inside a tool-call marker"))
+                        rest = rest[: len(rest) - keep]
+                    keep = 0
                 piece = rest[: len(rest) - keep]
                 if piece and (piece.strip() or not self.calls):  # no whitespace between/after calls
                     events.append(ContentDelta(piece))
@@ -84,6 +98,8 @@ class ToolStream:
             block = rest if end < 0 else rest[: end + len(self.family.end)]
             self._pos += len(block)
             events.extend(self._calls(block))
+            if not self.repeated:
+                self.accepted_end = self._pos
             if end < 0:
                 return events
 
@@ -104,6 +120,9 @@ class ToolStream:
                 ("parse_error", call.error) if call.error else None)
             if problem is not None:
                 self.failures.append(problem)
+                continue
+            if any(c.name == call.name and c.arguments == call.arguments for c in self.calls):
+                self.repeated = True
                 continue
             if self.max_calls is not None and len(self.calls) >= self.max_calls:
                 continue

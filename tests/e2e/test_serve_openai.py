@@ -60,7 +60,7 @@ class Server:
 
     def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", KEY), max_retries=0,
-                             timeout=60, **kw)
+                             timeout=kw.pop("timeout", 60), **kw)
 
     def metrics(self) -> str:
         return httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
@@ -259,3 +259,142 @@ def test_429_under_flood(server):
     assert limited, "no 429 under a flood"
     assert int(limited[0].headers["retry-after"]) >= 1
     server.healthy()  # /health is never rate limited
+
+
+# ---- tools and structured outputs (issue 5) -------------------------------------------------
+# Same server as above (one start per run). SmolLM2-135M through the fallback tool prompt;
+# short outputs: a call is ~35 tokens.
+
+WEATHER_ARGS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                 "unit": {"enum": ["celsius", "fahrenheit"]}},
+                "required": ["city"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather for a city",
+                                            "parameters": WEATHER_ARGS}}
+ADD = {"type": "function", "function": {"name": "add", "description": "Add two integers", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+    "required": ["a", "b"], "additionalProperties": False}}}
+TOOL_SCHEMAS = {"get_weather": WEATHER_ARGS, "add": ADD["function"]["parameters"]}
+PARIS = [{"role": "user", "content": "What's the weather in Paris?"}]
+
+
+def _tools_client(server):
+    return server.client(timeout=REQUEST_TIMEOUT_S)
+
+
+def _valid_calls(calls, names=("get_weather", "add")):
+    import jsonschema
+
+    assert calls
+    for c in calls:
+        assert c.id.startswith("call_") and c.type == "function" and c.function.name in names
+        jsonschema.validate(json.loads(c.function.arguments), TOOL_SCHEMAS[c.function.name])
+    return calls
+
+
+def test_tool_agent_loop(server):
+    c = _tools_client(server)
+    r = c.chat.completions.create(model=server.model, messages=PARIS, tools=[WEATHER, ADD], tool_choice="required",
+                                  max_tokens=48, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = _valid_calls(choice.message.tool_calls)
+    assert calls[0].function.name == "get_weather"
+    assert "paris" in json.loads(calls[0].function.arguments)["city"].lower()
+    assert len({(x.function.name, x.function.arguments) for x in calls}) == len(calls)  # no repeated call
+    history = PARIS + [choice.message.model_dump(exclude_none=True)] + [
+        {"role": "tool", "tool_call_id": x.id, "content": "18 degrees celsius, sunny"} for x in calls]
+    final = c.chat.completions.create(model=server.model, messages=history, tools=[WEATHER, ADD],
+                                      max_tokens=24, temperature=0)
+    answer = final.choices[0]
+    assert answer.finish_reason in ("stop", "length") and not answer.message.tool_calls
+    assert answer.message.content and "<tool_call>" not in answer.message.content
+    assert "18" in answer.message.content or "sunny" in answer.message.content.lower(), answer.message.content
+    server.healthy()
+
+
+def test_tool_choice_named_none_and_one_call(server):
+    c = _tools_client(server)
+    named = c.chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": "What is 17 plus 25?"}], tools=[WEATHER, ADD],
+        tool_choice={"type": "function", "function": {"name": "add"}}, parallel_tool_calls=False,
+        max_tokens=40, temperature=0)
+    calls = _valid_calls(named.choices[0].message.tool_calls, names=("add",))
+    assert len(calls) == 1 and json.loads(calls[0].function.arguments) == {"a": 17, "b": 25}
+    none = c.chat.completions.create(model=server.model, messages=PARIS, tools=[WEATHER, ADD], tool_choice="none",
+                                     max_tokens=12, temperature=0)
+    assert not none.choices[0].message.tool_calls and none.choices[0].finish_reason in ("stop", "length")
+    assert none.choices[0].message.content and "<tool_call>" not in none.choices[0].message.content
+    server.healthy()
+
+
+def test_parallel_calls_stream_as_tool_call_deltas(server):
+    c = _tools_client(server)
+    chunks = list(c.chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": "What's the weather in Paris and in Tokyo?"}],
+        tools=[WEATHER], tool_choice="required", max_tokens=80, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    assert not "".join(d.content or "" for d in deltas).strip()  # no raw call text as content
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        for tc in d.tool_calls or ():
+            entry = calls.setdefault(tc.index, {"id": tc.id, "name": tc.function.name, "arguments": ""})
+            entry["arguments"] += tc.function.arguments or ""
+    cities = [json.loads(v["arguments"])["city"].lower() for v in calls.values()]
+    assert [v["name"] for v in calls.values()] == ["get_weather"] * len(calls)
+    assert len(calls) >= 2 and "paris" in cities[0], calls  # which cities is up to a 135M model
+    assert len({v["id"] for v in calls.values()}) == len({v["arguments"] for v in calls.values()}) == len(calls)
+    assert chunks[-2].choices[0].finish_reason == "tool_calls" and chunks[-1].usage.completion_tokens > 0
+    server.healthy()
+
+
+def test_json_object_and_json_schema_outputs_validate(server):
+    import jsonschema
+
+    c = _tools_client(server)
+    ask = "Return a JSON object with the key \"city\" set to the capital of France."
+    obj = c.chat.completions.create(model=server.model, response_format={"type": "json_object"}, max_tokens=32,
+                                    temperature=0, messages=[{"role": "user", "content": ask}])
+    assert json.loads(obj.choices[0].message.content)["city"] == "Paris"
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "age", "colors"],
+              "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0},
+                             "colors": {"type": "array", "items": {"enum": ["red", "green", "blue"]},
+                                        "maxItems": 3}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+    r = c.chat.completions.create(model=server.model, response_format=fmt, max_tokens=48, temperature=0,
+                                  messages=[{"role": "user", "content": "Describe a person as JSON."}])
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    server.healthy()
+
+
+def test_invalid_tool_requests_are_400(server):
+    c = _tools_client(server)
+    bad_schema = {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                                                                              "properties": {"x": {"type": 7}}}}}
+    with pytest.raises(openai.BadRequestError, match="not a valid JSON Schema") as exc:
+        c.chat.completions.create(model=server.model, messages=PARIS, tools=[bad_schema])
+    assert exc.value.body["param"] == "tools[0].function.parameters"
+    with pytest.raises(openai.BadRequestError, match="nope") as exc:
+        c.chat.completions.create(model=server.model, messages=PARIS, tools=[WEATHER],
+                                  tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert exc.value.body["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError, match="JSON Schema"):
+        c.chat.completions.create(model=server.model, messages=PARIS, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "required": 3}}})
+    server.healthy()
+
+
+def test_all_retries_failed_is_a_clear_error(server):
+    c = _tools_client(server)
+    before = _metric(server.metrics(), 'squish_tool_failures_total{cause="length"}')
+    with pytest.raises(openai.InternalServerError) as exc:  # max_tokens too small for any call
+        c.chat.completions.create(model=server.model, messages=PARIS, tools=[WEATHER], tool_choice="required",
+                                  max_tokens=3, temperature=0)
+    assert exc.value.body["code"] == "tool_call_failed" and "3 attempt" in exc.value.body["message"]
+    with pytest.raises(openai.APIError, match="no valid tool call"):
+        list(c.chat.completions.create(model=server.model, messages=PARIS, tools=[WEATHER], tool_choice="required",
+                                       max_tokens=3, temperature=0, stream=True))
+    metrics = server.metrics()
+    assert _metric(metrics, 'squish_tool_failures_total{cause="length"}') == before + 2
+    assert _metric(metrics, 'squish_tool_retries_total{cause="length"}') >= 4
+    server.healthy()

@@ -102,7 +102,9 @@ def test_completions_with_logprobs(client):
 
 @pytest.mark.parametrize("extra,status,param", [
     ({"n": 2}, 400, "n"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]}, 400,
+     "tools[0].function.parameters"),
+    ({"tool_choice": "required"}, 400, "tool_choice"),  # without tools
     ({"frobnicate": 1}, 400, "frobnicate"),
     ({"temperature": 3}, 422, "temperature"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),

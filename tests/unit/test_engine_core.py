@@ -177,3 +177,60 @@ def test_stop_string_and_max_tokens(engine):
     if stop.strip():
         assert fin2.reason == "stop"
         assert text2 == text[: text.find(stop)]
+
+
+def test_repetition_loop_is_distinguishable_from_length(engine):
+    async def main():
+        stuck = SamplingParams(max_tokens=300, temperature=0.0, logit_bias={5: 100.0})
+        return await generate(engine, PROMPT, stuck)
+
+    _, fin = asyncio.run(main())
+    assert fin.reason == "length"  # what the client sees: the budget was not worth spending
+    assert fin.problem == "repetition" and fin.completion_tokens < 300
+
+
+class OnlyToken:
+    """A stand-in constraint: its processor allows one token, records what it saw, and
+    reports a grammar error after ``fail_after`` calls."""
+
+    def __init__(self, token, fail_after=None):
+        self.token, self.fail_after, self.seen = token, fail_after, []
+
+    def processor(self, prompt_len):
+        outer = self
+
+        class Proc:
+            error = None
+
+            def __call__(self, tokens, logits):
+                import mlx.core as mx
+
+                outer.seen.append((prompt_len, tokens.tolist()))
+                if outer.fail_after is not None and len(outer.seen) > outer.fail_after:
+                    self.error = "rejected"
+                keep = mx.arange(logits.shape[-1]) == outer.token
+                return mx.where(keep, logits, mx.array(float("-inf"), logits.dtype))
+
+        return Proc()
+
+
+def test_constraint_processor_runs_last_on_prompt_plus_completion(engine):
+    only = OnlyToken(11, fail_after=3)
+
+    async def main():
+        q: asyncio.Queue = asyncio.Queue()
+        # logit_bias pushes token 12; the constraint (applied after it) still wins.
+        params = SamplingParams(max_tokens=6, temperature=0.0, logit_bias={12: 100.0})
+        engine.submit(eng.Request("c1", PROMPT, params, 60, asyncio.get_running_loop(), q, constraint=only))
+        events = []
+        while not events or isinstance(events[-1], eng.Delta):
+            events.append(await asyncio.wait_for(q.get(), 60))
+        return events
+
+    events = asyncio.run(main())
+    fin = events[-1]
+    assert isinstance(fin, eng.Finish) and fin.completion_tokens == 6
+    assert fin.problem == "grammar" and fin.constraint_error == "rejected"
+    prompt_len, last = only.seen[-1]
+    assert prompt_len == len(PROMPT) and last[:len(PROMPT)] == PROMPT
+    assert last[len(PROMPT):] == [11] * (len(last) - len(PROMPT))  # every sampled token obeyed the mask

@@ -118,3 +118,15 @@ def test_json_schema_output():
 def test_max_attempts_must_be_positive():
     with pytest.raises(ValueError):
         asyncio.run(loop.complete(scripted("x")[0], MSGS, task(), max_attempts=0))
+
+
+def test_none_refuses_a_call_and_a_cut_last_parallel_call_is_dropped():
+    exc, _, stats = run(task("none"), call("add", {"a": 1, "b": 2}), attempts=1)
+    assert isinstance(exc, ToolCallFailed) and exc.attempts == [loop.CALL_NOT_ALLOWED]
+    out, _, _ = run(task("none"), "Five.")
+    assert out.content == "Five." and not out.tool_calls
+    two = call("add", {"a": 1, "b": 2}) + "\n" + '<tool_call>\n{"name": "add", "argu'
+    out, _, _ = run(task(), Generation(two, "length"))
+    assert out.finish_reason == "tool_calls" and len(out.tool_calls) == 1
+    exc, _, _ = run(task(), Generation("", "length"), attempts=1)  # required, nothing complete
+    assert exc.attempts == ["length"]

@@ -138,3 +138,21 @@ def test_stream_drops_invalid_calls_and_caps_parallel():
     events = _run_stream(s, text, 3)
     assert [e.name for e in events if e.id] == ["a"]
     assert s.failures == [("unknown_tool", "no")]
+
+
+def test_stream_stops_on_a_repeated_call_and_drops_a_cut_marker():
+    fam = registry.by_name("smollm2")
+    block = fam.format_call("add", {"a": 1, "b": 2})
+    ts = ToolStream(fam)
+    events = ts.push(block + "\n" + fam.format_call("add", {"a": 3, "b": 4}) + "\n")
+    assert not ts.repeated and len(ts.calls) == 2
+    end = ts.accepted_end
+    events += ts.push(block + "\n<tool_c")
+    assert ts.repeated and len(ts.calls) == 2  # the identical third call is not emitted
+    assert ts.text[:end].endswith("</tool_call>")
+    events += ts.finish()
+    assert not [e for e in events if isinstance(e, ContentDelta) and "<tool" in e.text]
+    cut = ToolStream(fam)
+    out = cut.push("Sure. <tool_ca") + cut.finish()  # max_tokens inside the marker
+    assert [e.text for e in out if isinstance(e, ContentDelta)] == ["Sure. "]
+    assert cut.failures and cut.failures[0][0] == "length"
