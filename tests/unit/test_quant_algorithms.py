@@ -1,0 +1,133 @@
+"""AWQ folding is exact; calibrated quantization beats RTN on outlier channels;
+spec validation; thresholds and the repetition detector."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from squish.build import awq
+from squish.build.evaluate import THRESHOLDS, QualityReport, Thresholds, repetition_loop
+from squish.build.gptq import HessianPrep, dequantize, gptq, hessian, output_error, rtn
+from squish.build.npforward import Arch, block
+from squish.build.quantize import Method, QuantSpec
+from squish.errors import InputError
+
+
+def _arch(n_heads=4, n_kv=2, hd=8, hidden=32):
+    L = 64
+    ang = np.arange(L)[:, None] * (10000.0 ** (-np.arange(hd // 2) * 2 / hd))[None]
+    diag = np.concatenate([np.cos(ang), np.cos(ang)], 1).astype(np.float32)
+    off = np.concatenate([-np.sin(ang), np.sin(ang)], 1).astype(np.float32)
+    partner = np.concatenate([np.arange(hd // 2, hd), np.arange(hd // 2)])
+    return Arch(n_layers=1, hidden=hidden, n_heads=n_heads, n_kv=n_kv, head_dim=hd, eps=1e-5,
+                qk_norm=False, tied=True, vocab=10, rope_diag=diag, rope_off=off, rope_partner=partner)
+
+
+def _block_weights(arch, rng, inter=64, bias=True):
+    d, hd = arch.hidden, arch.head_dim
+    W = {
+        "input_layernorm.weight": rng.uniform(0.5, 1.5, d),
+        "post_attention_layernorm.weight": rng.uniform(0.5, 1.5, d),
+        "self_attn.q_proj.weight": rng.normal(size=(arch.n_heads * hd, d)) * 0.2,
+        "self_attn.k_proj.weight": rng.normal(size=(arch.n_kv * hd, d)) * 0.2,
+        "self_attn.v_proj.weight": rng.normal(size=(arch.n_kv * hd, d)) * 0.2,
+        "self_attn.o_proj.weight": rng.normal(size=(d, arch.n_heads * hd)) * 0.2,
+        "mlp.gate_proj.weight": rng.normal(size=(inter, d)) * 0.2,
+        "mlp.up_proj.weight": rng.normal(size=(inter, d)) * 0.2,
+        "mlp.down_proj.weight": rng.normal(size=(d, inter)) * 0.2,
+    }
+    if bias:  # qwen2-style q/k/v biases
+        for k in ("q", "k", "v"):
+            W[f"self_attn.{k}_proj.bias"] = rng.normal(size=W[f"self_attn.{k}_proj.weight"].shape[0]) * 0.1
+    return {k: v.astype(np.float32) for k, v in W.items()}
+
+
+def test_awq_folding_preserves_the_float_block_exactly():
+    rng = np.random.default_rng(0)
+    arch = _arch()
+    W = _block_weights(arch, rng)
+    x = rng.normal(size=(2, 12, arch.hidden)).astype(np.float32)
+    x[..., 3] *= 20  # an outlier channel
+    y0 = block(x, W, arch)
+    cap = {}
+    block(x, W, arch, capture=cap)
+    W2 = dict(W)
+    awq.scale_block(W2, cap, arch, bits=4, gs=32, dtype="float32")
+    assert any(not np.array_equal(W[k], W2[k]) for k in W)
+    np.testing.assert_allclose(block(x, W2, arch), y0, rtol=1e-4, atol=1e-4)
+    # arbitrary (non-searched) factors, GQA v->o included
+    W3 = dict(W)
+    s = rng.uniform(0.3, 3.0, arch.n_kv * arch.head_dim).astype(np.float32)
+    awq.fold_into_linear(W3, "self_attn.v_proj", "self_attn.o_proj", s,
+                         awq.vo_index(arch.n_heads, arch.n_kv, arch.head_dim))
+    s2 = rng.uniform(0.3, 3.0, arch.hidden).astype(np.float32)
+    awq.fold_into_norm(W3, "input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], s2)
+    s3 = rng.uniform(0.3, 3.0, 64).astype(np.float32)
+    awq.fold_into_linear(W3, "mlp.up_proj", "mlp.down_proj", s3)
+    np.testing.assert_allclose(block(x, W3, arch), y0, rtol=1e-4, atol=1e-4)
+
+
+def test_calibrated_beats_rtn_on_outlier_channels():
+    rng = np.random.default_rng(1)
+    n_in, n_out, gs = 256, 128, 64
+    x = rng.normal(size=(2048, n_in)).astype(np.float32)
+    x[:, rng.choice(n_in, 6, replace=False)] *= 25.0  # salient input channels
+    w = rng.normal(size=(n_out, n_in)).astype(np.float32)
+    H = hessian(x)
+    for bits in (3, 4):
+        e_rtn = output_error(w, dequantize(*rtn(w, bits, gs, "float32"), gs), H)[0]
+        e_clip = output_error(w, dequantize(*rtn(w, bits, gs, "float32", H=H, clip=True), gs), H)[0]
+        q, s, b = gptq(w, HessianPrep(H), bits, gs, "float32")
+        e_gptq = output_error(w, dequantize(q, s, b, gs), H)[0]
+        sc, _, ratio = awq.search_scale(np.abs(x).mean(0), [w], H, bits, gs, "float32")
+        assert ratio < 1.0
+        ws = w * sc[None]
+        q, s, b = gptq(ws, HessianPrep(hessian(x / sc[None])), bits, gs, "float32")
+        e_all = output_error(w, dequantize(q, s, b, gs) / sc[None], H)[0]
+        assert e_clip < e_rtn
+        assert e_gptq < 0.8 * e_rtn
+        assert e_all < 0.8 * e_rtn
+
+
+@pytest.mark.parametrize("bits", [2, 5, 16])
+def test_unsupported_bits_refused(bits):
+    with pytest.raises(InputError, match="bits"):
+        QuantSpec(bits=bits, group_size=64)
+
+
+def test_unsupported_group_and_dtype_refused():
+    with pytest.raises(InputError):
+        QuantSpec(bits=4, group_size=48)
+    with pytest.raises(InputError):
+        QuantSpec(bits=4, group_size=64, dtype="float64")
+    assert QuantSpec(bits=3, group_size=64).experimental
+
+
+def test_method_parse():
+    assert Method.parse("rtn").name == "rtn"
+    assert Method.parse("squish").name == "awq+clip+gptq"
+    assert Method.parse("gptq+clip").name == "clip+gptq"
+    with pytest.raises(InputError):
+        Method.parse("magic")
+
+
+def test_thresholds_logic():
+    assert THRESHOLDS[3].experimental and not THRESHOLDS[4].experimental
+    assert THRESHOLDS[3].max_mean_kld > THRESHOLDS[4].max_mean_kld > THRESHOLDS[8].max_mean_kld
+    th = Thresholds(max_mean_kld=0.1, min_top1=0.8, max_ppl_delta=0.1)
+    metrics = {"ppl_ref": 20.0, "ppl_quant": 21.0, "max_abs_dlogit": 3.0}
+    good = QualityReport(metrics, th, checks=[("mean KLD", 0.05, 0.1, True), ("top-1", 0.9, 0.8, True)])
+    bad = QualityReport(metrics, th, checks=[("mean KLD", 0.5, 0.1, False), ("top-1", 0.9, 0.8, True)])
+    assert good.passed and not bad.passed
+    assert "FAIL" in bad.table() and "PASSED" in good.table()
+    d = bad.to_dict()
+    assert d["passed"] is False and d["checks"][0]["ok"] is False
+
+
+def test_repetition_loop_detector():
+    assert repetition_loop([5] * 20)
+    assert repetition_loop(list(range(30)) + [1, 2, 3, 4] * 6)
+    assert not repetition_loop(list(range(40)))
+    assert not repetition_loop([1, 2, 3])  # too short to call a loop
+    assert not repetition_loop([9, 1, 7, 2, 7, 3, 7, 4, 7, 5])  # "1. x 2. y 3. z"-like
