@@ -48,8 +48,8 @@ def _register_quantize(sub) -> None:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="dtype of scales/biases/norms (default: from the hardware; float32 on CPU)")
     p.add_argument("--calib", type=Path, dest="calib_file", help="calibration text file (default: text the model generates itself)")
-    p.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (default 16)")
-    p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
+    p.add_argument("--calib-seq-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default 0)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
     p.add_argument("--keep-failed", action="store_true", help="keep a build that fails its quality gate, marked failed")
