@@ -49,8 +49,14 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_artifact(smollm2_gguf, tmp_path_factory) -> Path:
-    """The real INT4 artifact, built once per run with the production defaults."""
+    """The real INT4 artifact, built once per run with the production defaults.
+
+    ``SQUISH_TEST_ARTIFACT=PATH`` reuses an existing build instead (for iterating on
+    tests that only consume the artifact; CI never sets it)."""
     from squish.build.pipeline import BuildOptions, build
+
+    if given := os.environ.get("SQUISH_TEST_ARTIFACT"):
+        return Path(given)
 
     out = tmp_path_factory.mktemp("artifacts") / "smollm2-135m-instruct-4bit"
     home = tmp_path_factory.mktemp("build-home")
