@@ -157,6 +157,7 @@ def test_cors_off_by_default(client):
 def test_rate_limit_429_with_retry_after(artifact):
     engine = Engine(loader(artifact))
     with TestClient(create_app(ServeSettings(rate_limit_per_minute=60, rate_limit_burst=3), engine)) as c:
+        assert engine.ready.wait(120), engine.load_error  # /health is 503 while loading
         codes = [c.get("/v1/models") for _ in range(5)]
         assert [r.status_code for r in codes][:3] == [200, 200, 200]
         limited = [r for r in codes if r.status_code == 429]
