@@ -111,3 +111,43 @@ def test_existing_artifact_needs_force(tmp_path):
     build(str(src), BuildOptions(output=out, force=True, **FAST))
     assert (out / "squish.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+
+
+def _impossible_gate(monkeypatch):
+    import squish.build.evaluate as evaluate
+
+    gate = evaluate.Thresholds(max_mean_kld=-1.0, min_top1=1.01, max_ppl_delta=-1.0)
+    monkeypatch.setitem(evaluate.THRESHOLDS, 4, gate)
+
+
+def test_failed_quality_gate_exits_1_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    _impossible_gate(monkeypatch)
+    src = make_hf_folder(tmp_path / "src", "llama")
+    out = tmp_path / "models" / "out"
+    args = ["quantize", str(src), "-o", str(out), "--calib-samples", "2", "--calib-seq-len", "32"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "failed its quality gate" in err and "no artifact was written" in err
+    assert "mean KLD" in err  # the report table is printed
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_keep_failed_marks_the_artifact_failed(tmp_path, monkeypatch, capsys):
+    from squish.config import models_dir
+    from squish.models import resolve_model
+
+    _impossible_gate(monkeypatch)
+    src = make_hf_folder(tmp_path / "src", "llama")
+    out = models_dir() / "tiny-4bit"
+    args = ["quantize", str(src), "-o", str(out), "--calib-samples", "2", "--calib-seq-len", "32",
+            "--keep-failed", "--quiet"]
+    assert main(args) == 1  # kept, but the build still failed its gate
+    manifest = json.loads((out / "squish.json").read_text())
+    assert manifest["quality"]["passed"] is False
+    capsys.readouterr()
+    assert main(["models"]) == 0
+    assert "FAILED" in capsys.readouterr().out
+    with pytest.raises(InputError, match="no local model fits"):
+        resolve_model(None)  # a failed build is never picked by zero-config serve
