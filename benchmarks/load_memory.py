@@ -2,7 +2,9 @@
 
 Each load runs in a fresh subprocess (A B A B ... interleaved so machine drift hits both);
 RSS is sampled every 2 ms from a thread and cross-checked with ru_maxrss. The metric of
-record is (peak RSS during load − RSS before load) / artifact size on disk.
+record is (peak RSS during load − RSS before load) / size of the weight files, with every
+library both loaders need (mlx_lm, transformers) imported before "before", so the delta is
+the load itself: weights plus the tokenizer.
 
     .venv/bin/python benchmarks/load_memory.py [ARTIFACT] [--runs 5]
 """
@@ -22,6 +24,8 @@ import json, resource, sys, threading, time
 import psutil
 import mlx.core as mx
 import mlx_lm
+import mlx_lm.utils
+import transformers
 import squish.runtime.loader as L
 proc = psutil.Process()
 path, which = sys.argv[1], sys.argv[2]
@@ -31,6 +35,14 @@ def sample():
     while not done[0]:
         peak[0] = max(peak[0], proc.memory_info().rss); time.sleep(0.002)
 t = threading.Thread(target=sample); t.start()
+# Both loaders call mlx_lm.utils.load_tokenizer after the weights: note the peak there,
+# so the weights' share of the load is reported apart from the tokenizer's.
+weights_peak = [None]
+_load_tokenizer = mlx_lm.utils.load_tokenizer
+def load_tokenizer(*a, **k):
+    weights_peak[0] = max(peak[0], proc.memory_info().rss)
+    return _load_tokenizer(*a, **k)
+mlx_lm.utils.load_tokenizer = load_tokenizer
 t0 = time.perf_counter()
 if which == "squish":
     model = L.load_artifact(path).model
@@ -41,7 +53,8 @@ seconds = time.perf_counter() - t0
 done[0] = True; t.join()
 after = proc.memory_info().rss
 peak_rss = max(peak[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, after)
-print(json.dumps({"seconds": seconds, "rss_before": before, "rss_peak": peak_rss, "rss_after": after}))
+print(json.dumps({"seconds": seconds, "rss_before": before, "rss_peak": peak_rss, "rss_after": after,
+                  "rss_peak_weights": weights_peak[0]}))
 """
 
 
@@ -70,13 +83,18 @@ def main() -> int:
     results = {"artifact": str(path), "weights_bytes": size, "systems": {}}
     lines = [f"# Load: Squish vs mlx_lm\n\nArtifact `{path.name}`, weights {size / 1e6:.1f} MB, "
              f"{args.runs} runs each, interleaved.\n",
-             "| system | load s p50 | peak ΔRSS MB p50 | ΔRSS / weights |", "|---|---|---|---|"]
+             "| system | load s p50 | peak ΔRSS MB p50 | ΔRSS / weights | weights phase ΔRSS / weights |",
+             "|---|---|---|---|---|"]
     for which, rs in runs.items():
         secs = percentiles([r["seconds"] for r in rs])
         delta = percentiles([r["rss_peak"] - r["rss_before"] for r in rs])
+        wdelta = percentiles([r["rss_peak_weights"] - r["rss_before"] for r in rs])
         results["systems"][which] = {"seconds": secs, "peak_rss_delta": delta, "runs": rs,
-                                     "ratio_p50": delta["p50"] / size}
-        lines.append(f"| {which} | {secs['p50']:.3f} | {delta['p50'] / 1e6:.1f} | {delta['p50'] / size:.2f} |")
+                                     "weights_phase_rss_delta": wdelta,
+                                     "ratio_p50": delta["p50"] / size,
+                                     "weights_phase_ratio_p50": wdelta["p50"] / size}
+        lines.append(f"| {which} | {secs['p50']:.3f} | {delta['p50'] / 1e6:.1f} | {delta['p50'] / size:.2f} "
+                     f"| {wdelta['p50'] / size:.2f} |")
     report = "\n".join(lines) + "\n"
     out = write_results("load_memory", {"artifact": str(path), "runs": args.runs}, results, report)
     print(report)
