@@ -206,7 +206,9 @@ class Engine:
             self.failed.set()
             return
         self.ready.set()
-        log.info("model %s ready", self.model_info.name)
+        load_s = getattr(self.model_info, "load_seconds", None)
+        log.info("model %s ready (loaded in %s)", self.model_info.name,
+                 f"{load_s:.2f} s" if load_s is not None else "an unknown time")
         try:
             self._loop()
         except Exception:  # noqa: BLE001 - never leave clients waiting forever
