@@ -16,7 +16,7 @@ from tiny import make_tiny_artifact  # noqa: E402
 from squish.runtime import engine as eng  # noqa: E402
 from squish.runtime.sampling import SamplingParams  # noqa: E402
 
-POISON = 7  # prompts ending in this token get NaN logits (see poisoned_loader)
+POISON = 7  # prompts containing this token get NaN logits (see poisoned_loader)
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +36,10 @@ def poisoned_loader(path: Path):
         class Poisoned(base):
             def __call__(self, inputs, cache=None, **kw):
                 out = super().__call__(inputs, cache=cache, **kw)
+                # The model never samples POISON itself (a finite, very low logit), so
+                # only a prompt that contains it is poisoned, however long a run lasts.
+                never = mx.where(mx.arange(out.shape[-1]) == POISON, -1e9, 0.0).astype(out.dtype)
+                out = out + never
                 bad = mx.any(inputs == POISON, axis=1, keepdims=True)[..., None]
                 return mx.where(bad, mx.array(float("nan"), out.dtype), out)
 
