@@ -81,6 +81,12 @@ class Metrics:
         self.queue_depth = Gauge("squish_queue_depth", "Requests waiting for a batch slot", registry=r)
         self.batch_size = Gauge("squish_batch_size", "Requests in the running batch", registry=r)
         self.cache_bytes = Gauge("squish_prefix_cache_bytes", "Bytes held by the prefix cache", registry=r)
+        self.mlx_active = Gauge("squish_mlx_active_memory_bytes", "MLX memory in use (mx.get_active_memory)",
+                                registry=r)
+        self.mlx_peak = Gauge("squish_mlx_peak_memory_bytes", "Peak MLX memory since start "
+                              "(mx.get_peak_memory)", registry=r)
+        self.mlx_cache = Gauge("squish_mlx_cache_memory_bytes", "MLX buffer cache (mx.get_cache_memory)",
+                               registry=r)
         from squish.tools.loop import ToolStats
 
         self.tool_stats = ToolStats()  # the retry loop counts into it (squish.api.toolcalls)
@@ -105,6 +111,11 @@ class Metrics:
         self.batch_size.set(batch)
         self.queue_depth.set(waiting)
         self.cache_bytes.set(cache_bytes)
+
+    def memory(self, active: int, peak: int, cache: int) -> None:
+        self.mlx_active.set(active)
+        self.mlx_peak.set(peak)
+        self.mlx_cache.set(cache)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

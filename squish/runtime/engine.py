@@ -51,6 +51,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from squish.hardware import release_free_heap
 from squish.runtime.detokenizer import TextStream, detect_loop
 from squish.runtime.sampling import SamplingParams
 
@@ -124,6 +125,7 @@ class NullObserver:
     def token_gap(self, seconds: float) -> None: ...
     def finished(self, status: str, prompt: int, completion: int, cached: int) -> None: ...
     def step(self, batch: int, waiting: int, cache_bytes: int) -> None: ...
+    def memory(self, active: int, peak: int, cache: int) -> None: ...
 
 
 @dataclass
@@ -205,6 +207,8 @@ class Engine:
             self.load_error = f"model failed to load: {exc}"
             self.failed.set()
             return
+        release_free_heap()  # loading left freed parse buffers behind (~34 MB on SmolLM2)
+        self._report_memory()
         self.ready.set()
         load_s = getattr(self.model_info, "load_seconds", None)
         log.info("model %s ready (loaded in %s)", self.model_info.name,
@@ -239,9 +243,28 @@ class Engine:
         self._active: dict[int, _Active] = {}
         self._by_rid: dict[str, int] = {}
 
+    def _release_memory(self) -> None:
+        """The batch just drained: drop MLX's buffer cache and hand freed heap back to
+        the OS, so an idle server holds only the model and the prefix cache. The next
+        request re-allocates its buffers (cheap next to a prefill)."""
+        import mlx.core as mx
+
+        mx.clear_cache()
+        release_free_heap()
+        self._report_memory()
+
+    def _report_memory(self) -> None:
+        import mlx.core as mx
+
+        self.obs.memory(mx.get_active_memory(), mx.get_peak_memory(), mx.get_cache_memory())
+
     def _loop(self) -> None:
+        busy = False
         while True:
             idle = not self._active and not self._waiting
+            if idle and busy:
+                self._release_memory()
+            busy = not idle
             try:
                 cmd = self._inbox.get(timeout=0.25) if idle else self._inbox.get_nowait()
             except queue.Empty:
@@ -260,6 +283,7 @@ class Engine:
             self.obs.step(len(self._active), len(self._waiting), self._prefix.nbytes)
             if self._active:
                 self._step()
+                self._report_memory()
 
     def _command(self, cmd) -> None:
         kind, arg = cmd

@@ -32,6 +32,7 @@ def _free_port() -> int:
 
 class Server:
     def __init__(self, artifact: Path, *extra: str, timeout: float = REQUEST_TIMEOUT_S):
+        self.artifact = artifact
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "SQUISH_API_KEY": KEY}
@@ -173,7 +174,12 @@ def test_eight_concurrent_streams(server):
     for text, usage in results:
         assert text.strip() and 1 <= usage.completion_tokens <= 16
     assert results[3][0] == ref.choices[0].message.content
-    assert _metric(server.metrics(), "squish_batch_size") >= 0
+    metrics = server.metrics()
+    assert _metric(metrics, "squish_batch_size") >= 0
+    # the model's weights alone are ~98 MB of MLX memory; the peak includes a batch of 8
+    weights = sum(f.stat().st_size for f in server.artifact.glob("*.safetensors"))
+    assert _metric(metrics, "squish_mlx_peak_memory_bytes") > _metric(metrics, "squish_mlx_active_memory_bytes") \
+        >= 0.9 * weights
     server.healthy()
 
 

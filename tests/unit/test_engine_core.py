@@ -54,9 +54,15 @@ class Recorder(eng.NullObserver):
         self.max_batch = 0
         self.lock = threading.Lock()
 
+        self.memory_reports: list[tuple[int, int, int]] = []
+
     def step(self, batch, waiting, cache_bytes):
         with self.lock:
             self.max_batch = max(self.max_batch, batch)
+
+    def memory(self, active, peak, cache):
+        with self.lock:
+            self.memory_reports.append((active, peak, cache))
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +109,20 @@ def test_seed_gives_same_output_alone_and_in_a_batch(engine):
     assert alone[1].reason == "length" and alone[1].completion_tokens == 12
     assert together[0][0] == alone[0]
     assert engine.obs.max_batch >= 2  # the four requests shared decode steps
+    active, peak, _ = engine.obs.memory_reports[-1]
+    assert 0 < active <= peak
+
+
+def test_idle_engine_drops_mlx_buffer_cache(engine):
+    import time
+
+    import mlx.core as mx
+
+    asyncio.run(generate(engine, PROMPT, sampled(5, max_tokens=6)))
+    deadline = time.monotonic() + 5  # the engine drains the batch right after the final event
+    while time.monotonic() < deadline and mx.get_cache_memory() != 0:
+        time.sleep(0.05)
+    assert mx.get_cache_memory() == 0
 
 
 def test_greedy_output_identical_with_prefix_cache_hit(engine):
