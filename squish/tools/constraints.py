@@ -205,6 +205,12 @@ class MaskProcessor:
         self._bitmask = np.full((1, words), -1, dtype=np.int32)
 
     def __call__(self, tokens, logits):
+        import mlx.core as mx
+
+        # Start this step's forward pass now: reading the newest token (``_feed``)
+        # waits for the previous step, and the matcher then computes the mask on
+        # the CPU while the model runs, instead of before it is dispatched.
+        mx.async_eval(logits)
         self._feed(tokens)
         return self._mask(logits)
 
