@@ -186,8 +186,11 @@ def tool_calls(tokenizer, family: TaggedFamily, tools: list[ToolSpec], choice: T
 # ---- processors (engine thread) -----------------------------------------------
 
 def _tolist(tokens, start: int) -> list[int]:
-    tail = tokens[start:]
-    return tail.tolist() if hasattr(tail, "tolist") else list(tail)
+    """``tokens[start:]`` as ints, read from the host buffer: slicing the ``mx.array``
+    would be a new op, queued behind the forward pass the processor just dispatched."""
+    import numpy as np
+
+    return np.asarray(tokens)[start:].tolist()
 
 
 class MaskProcessor:
