@@ -29,7 +29,7 @@ from squish.errors import InputError
 FORMAT_NAME = "squish-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "squish.json"
-SHARD_BYTES = 2 << 30  # 2 GiB, as mlx_lm shards
+SHARD_BYTES = 512 << 20  # the writer buffers one shard: this bounds its share of peak RSS
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

@@ -185,7 +185,7 @@ def _final_hidden_ref(ref: Reference, arch, toks):
     T = ref.tensors()
     x = np.array(mx.take(T["model.embed_tokens.weight"], mx.array(toks), axis=0).astype(mx.float32))
     for i in range(arch.n_layers):
-        x = nf.block(x, nf.layer_weights(T, i), arch)
+        x = nf.block(x, nf.layer_weights(T, i, take=True), arch)
     x = nf.rmsnorm(x, np.array(T["model.norm.weight"].astype(mx.float32)), arch.eps)
     head = T.get("lm_head.weight") if not arch.tied else None
     head = T["model.embed_tokens.weight"] if head is None else head

@@ -92,25 +92,52 @@ class HessianPrep:
     def __init__(self, H: np.ndarray, damp: float = 0.01):
         # float64 where it is cheap; float32 (as the GPTQ reference code) for wide
         # inputs such as a 8960-wide down_proj, where float64 copies cost GBs
-        H = H.astype(np.float64 if H.shape[0] <= 4096 else np.float32)
-        n = H.shape[0]
+        H = H.astype(np.float64 if H.shape[0] <= 4096 else np.float32, copy=False)
         self.dead = np.diag(H) == 0
         if self.dead.any():
             H = H.copy()
             H[self.dead, self.dead] = 1.0
         self.H = H  # undamped: group blocks for the clip search
-        Hd = H + np.eye(n, dtype=H.dtype) * (damp * np.mean(np.diag(H)))
-        # Upper factor U of H^-1 (H^-1 = U^T U) from ONE Cholesky: with J the
-        # reversal permutation and J H J = M M^T, U = J M^-1 J.
+        bump = damp * np.mean(np.diag(H))
         try:
-            M = np.linalg.cholesky(Hd[::-1, ::-1])
+            self.U = _upper_inv_factor(H, bump)
         except np.linalg.LinAlgError:
-            Hd[np.diag_indices(n)] += 0.1 * np.mean(np.diag(H))
-            M = np.linalg.cholesky(Hd[::-1, ::-1])
-        del Hd
-        Minv = np.linalg.inv(M)
-        del M
-        self.U = np.ascontiguousarray(Minv[::-1, ::-1], dtype=np.float32)
+            self.U = _upper_inv_factor(H, bump + 0.1 * np.mean(np.diag(H)))
+
+
+def _upper_inv_factor(H: np.ndarray, bump: float) -> np.ndarray:
+    """Upper ``U`` with ``U^T U = (H + bump I)^-1``, float32, from one Cholesky: with J
+    the reversal permutation and J Hd J = M M^T, U = J M^-1 J. Raises ``LinAlgError``
+    if ``H + bump I`` is not positive definite.
+
+    float64 ``H``: numpy. float32 ``H`` (wide layers): MLX's LAPACK on the CPU
+    stream, in float32, freeing each intermediate as soon as the next exists -
+    numpy's linalg computes float32 in float64, and its cholesky + inv of an
+    8960-wide down_proj Hessian peaked at ~4 GB (benchmarks/quantize_memory.py,
+    qwen2.5-1.5B shape). A triangular inverse also costs half of a general one."""
+    n = H.shape[0]
+    Hd = H.copy()
+    Hd[np.diag_indices(n)] += bump
+    if H.dtype == np.float64:
+        Minv = np.linalg.inv(np.linalg.cholesky(Hd[::-1, ::-1]))
+        return np.ascontiguousarray(Minv[::-1, ::-1], dtype=np.float32)
+    import mlx.core as mx
+
+    A = mx.array(Hd)[::-1, ::-1]  # one copy; cholesky reads the reversed view
+    del Hd
+    M = mx.linalg.cholesky(A, stream=mx.cpu)
+    mx.eval(M)
+    del A
+    d = mx.diagonal(M)
+    if not (mx.all(mx.isfinite(M)) & mx.all(d > 0)).item():  # MLX does not raise
+        raise np.linalg.LinAlgError("matrix is not positive definite")
+    Minv = mx.linalg.tri_inv(M, upper=False, stream=mx.cpu)
+    mx.eval(Minv)
+    del M, d
+    U = np.array(Minv[::-1, ::-1])
+    if not np.isfinite(U).all():
+        raise np.linalg.LinAlgError("singular Cholesky factor")
+    return U
 
 
 def gptq(w: np.ndarray, prep: HessianPrep, bits: int, gs: int, dtype: str, clip: bool = True,

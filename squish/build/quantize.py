@@ -156,28 +156,33 @@ def quantize_model(ref: Reference, calib, spec: QuantSpec, emit: Callable[[str, 
         mx.eval(a)
         emit(name, a)
 
-    def emit_quant(path, q, s, b, bits):
-        emit_np(path + ".weight", pack(q, bits))
+    def emit_packed(path, words, s, b, bits, n):
+        emit_np(path + ".weight", words)
         emit_np(path + ".scales", s)
         emit_np(path + ".biases", b)
-        n_params[path] = (q.size, bits)
+        n_params[path] = (n, bits)
         if bits != spec.bits:
             quant_cfg[path] = {"group_size": gs, "bits": bits, "mode": "affine"}
 
+    def emit_quant(path, q, s, b, bits):
+        emit_packed(path, pack(q, bits), s, b, bits, q.size)
+
     # ---- embeddings: inputs for block 0, then quantized row-chunk by row-chunk
     t = time.perf_counter()
-    emb = tensors["model.embed_tokens.weight"]
+    emb = tensors.pop("model.embed_tokens.weight")  # dropped once quantized (see layer_weights)
+    mx.eval(emb)  # once, in the source dtype; the row chunks below slice it
     x = np.array(mx.take(emb, mx.array(tokens), axis=0).astype(mx.float32))
     ebits = mixed.bits_for("model.embed_tokens", spec.bits)
     if ebits != spec.bits:
         reasons["model.embed_tokens"] = _EMBED_REASON
-    _quantize_rows(emb, ebits, gs, dt, emit_quant, "model.embed_tokens", clip=calibrated)
+    _quantize_rows(emb, ebits, gs, dt, emit_packed, "model.embed_tokens", clip=calibrated)
+    del emb
     timings["embed_s"] = time.perf_counter() - t
 
     # ---- decoder blocks
     t_awq = t_q = 0.0
     for i in range(arch.n_layers):
-        W = nf.layer_weights(tensors, i)
+        W = nf.layer_weights(tensors, i, take=True)
         if i == 0 and calibrated:
             nf.check_against_mlx(ref.config, W, arch, x[:1, : min(64, x.shape[1])])
         pre = f"model.layers.{i}."
@@ -244,7 +249,10 @@ def quantize_model(ref: Reference, calib, spec: QuantSpec, emit: Callable[[str, 
         hb = mixed.bits_for("lm_head", spec.bits)
         if hb != spec.bits:
             reasons["lm_head"] = _EMBED_REASON
-        _quantize_rows(tensors["lm_head.weight"], hb, gs, dt, emit_quant, "lm_head", clip=calibrated)
+        head = tensors.pop("lm_head.weight")
+        mx.eval(head)
+        _quantize_rows(head, hb, gs, dt, emit_packed, "lm_head", clip=calibrated)
+        del head
     for p, b in mixed.overrides:
         reasons.setdefault(p, f"override: {b} bits")
 
@@ -280,15 +288,18 @@ _EMBED_REASON = (
 )
 
 
-def _quantize_rows(w_lazy, bits, gs, dt, emit_quant, path, clip, chunk=8192):
-    """Quantize a large [rows, D] tensor (embedding / lm_head) in row chunks (RTN + clip)."""
-    rows = w_lazy.shape[0]
-    qs, ss, bs = [], [], []
+def _quantize_rows(w, bits, gs, dt, emit_packed, path, clip, chunk=8192):
+    """Quantize a large [rows, D] tensor (embedding / lm_head) in row chunks (RTN + clip).
+
+    Each chunk is converted to float32, quantized and packed on its own, so the
+    working set is one chunk (8192 rows) besides the packed output."""
+    rows = w.shape[0]
+    words, ss, bs = [], [], []
     for r0 in range(0, rows, chunk):
-        w = np.array(w_lazy[r0:r0 + chunk].astype(mx.float32))
-        q, s, b = rtn(w, bits, gs, dt, H=None, clip=clip)
-        qs.append(q), ss.append(s), bs.append(b)
-    emit_quant(path, np.concatenate(qs), np.concatenate(ss), np.concatenate(bs), bits)
+        q, s, b = rtn(np.array(w[r0:r0 + chunk].astype(mx.float32)), bits, gs, dt, H=None, clip=clip)
+        words.append(pack(q, bits)), ss.append(s), bs.append(b)
+        del q
+    emit_packed(path, np.concatenate(words), np.concatenate(ss), np.concatenate(bs), bits, w.size)
 
 
 def effective_bits(outcome: QuantOutcome) -> float:

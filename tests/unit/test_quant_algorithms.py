@@ -131,3 +131,20 @@ def test_repetition_loop_detector():
     assert not repetition_loop(list(range(40)))
     assert not repetition_loop([1, 2, 3])  # too short to call a loop
     assert not repetition_loop([9, 1, 7, 2, 7, 3, 7, 4, 7, 5])  # "1. x 2. y 3. z"-like
+
+
+def test_float32_inverse_factor_matches_float64_and_refuses_non_pd():
+    """The wide-layer path (MLX LAPACK, float32) against numpy in float64."""
+    from squish.build.gptq import _upper_inv_factor
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((400, 300))
+    H = x.T @ x / 400
+    ref = _upper_inv_factor(H, 0.01)  # float64: numpy
+    got = _upper_inv_factor(H.astype(np.float32), 0.01)
+    assert got.dtype == np.float32
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+    assert np.allclose(np.triu(got), got)
+    assert np.allclose(got.T.astype(np.float64) @ got, np.linalg.inv(H + 0.01 * np.eye(300)), atol=1e-3)
+    with pytest.raises(np.linalg.LinAlgError):
+        _upper_inv_factor(-np.eye(8, dtype=np.float32), 0.0)
