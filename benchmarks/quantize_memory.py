@@ -1,7 +1,7 @@
 """Peak memory of calibrated quantization on a qwen2.5-1.5B-shaped model.
 
-The reference is random bf16 weights generated lazily per tensor (nothing is
-materialised until the quantizer asks for it), with the real shapes: 28 layers,
+The reference is random bf16 weights, written once to safetensors files and
+opened lazily with ``mx.load`` (as a Hugging Face folder is), with the real shapes: 28 layers,
 hidden 1536, intermediate 8960, 12 heads / 2 kv heads, vocab 151936, qwen2
 (q/k/v biases), tied embeddings. Calibration: random tokens (default 4 x 128).
 Emitted tensors are counted and dropped (the artifact writer streams them to
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -58,18 +59,40 @@ def shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def random_reference(cfg: dict, seed: int = 0) -> Reference:
+def write_random_weights(cfg: dict, workdir: Path, seed: int = 0) -> None:
+    """Random bf16 weights, one safetensors file per tensor (reused by later runs)."""
     shp = shapes(cfg)
+    workdir.mkdir(parents=True, exist_ok=True)
+    for i, (name, s) in enumerate(shp.items()):
+        f = workdir / f"{name}.safetensors"
+        if f.exists():
+            continue
+        if name.endswith("norm.weight"):
+            a = mx.ones(s, dtype=mx.bfloat16)
+        else:  # row chunks keep the float32 draw small; the file holds bf16
+            key = mx.random.key(seed * 100003 + i)
+            rows = [(mx.random.normal((min(4096, s[0] - r),) + s[1:], key=mx.random.split(key, s[0] // 4096 + 1)[r // 4096]) * 0.02)
+                    .astype(mx.bfloat16) for r in range(0, s[0], 4096)]
+            a = mx.concatenate(rows) if len(rows) > 1 else rows[0]
+        mx.save_safetensors(str(f.with_suffix(".tmp.safetensors")), {name: a})
+        f.with_suffix(".tmp.safetensors").rename(f)
+        del a
+        mx.clear_cache()
+
+
+def random_reference(cfg: dict, workdir: Path) -> Reference:
+    """The weights of :func:`write_random_weights`, opened with ``mx.load`` (lazy): the
+    quantizer reads them exactly as it reads a Hugging Face folder's shards. They are
+    written by a child process first if missing, so writing them does not count in
+    this process's peak RSS."""
+    shp = shapes(cfg)
+    if not all((workdir / f"{name}.safetensors").exists() for name in shp):
+        print(f"writing random bf16 weights to {workdir} (once) ...", flush=True)
+        subprocess.run([sys.executable, __file__, "--layers", str(cfg["num_hidden_layers"]),
+                        "--workdir", str(workdir), "--write-weights-only"], check=True)
 
     def tensors():
-        out = {}
-        for i, (name, s) in enumerate(shp.items()):
-            key = mx.random.key(seed * 100003 + i)
-            if name.endswith("norm.weight"):
-                out[name] = mx.ones(s, dtype=mx.bfloat16)
-            else:  # lazy: generated only when the quantizer evaluates it
-                out[name] = (mx.random.normal(s, key=key) * 0.02).astype(mx.bfloat16)
-        return out
+        return {name: mx.load(str(workdir / f"{name}.safetensors"))[name] for name in shp}
 
     return Reference(name="random-qwen2.5-1.5b", config=cfg, tokenizer_dir=Path("."),
                      source={"kind": "random"}, load_tensors=tensors)
@@ -91,12 +114,18 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--method", default="squish")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--workdir", default="/tmp/squish-bench-quantize-memory",
+                    help="where the random bf16 weights are written once (~3 GB for all 28 layers)")
+    ap.add_argument("--write-weights-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
     cfg = dict(QWEN25_15B, num_hidden_layers=a.layers)
+    if a.write_weights_only:
+        write_random_weights(cfg, Path(a.workdir))
+        return 0
     full = shapes(QWEN25_15B)
     n_full = sum(int(mx.prod(mx.array(s)).item()) if s else 1 for s in full.values())
-    ref = random_reference(cfg)
+    ref = random_reference(cfg, Path(a.workdir))
     calib = mx.random.randint(0, cfg["vocab_size"], (a.samples, a.seq_len), key=mx.random.key(1))
     start = rss_mb()
     per_layer = []
