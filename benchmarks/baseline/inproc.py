@@ -39,6 +39,14 @@ def sample():
     while not done[0]:
         peak[0] = max(peak[0], proc.memory_info().rss); time.sleep(0.002)
 th = threading.Thread(target=sample); th.start()
+# Both loaders call mlx_lm.utils.load_tokenizer after the weights: the peak at that call
+# is the weights phase, reported against the size of the weight files.
+weights_peak = [None]
+_load_tokenizer = mlx_lm.utils.load_tokenizer
+def load_tokenizer(*a, **k):
+    weights_peak[0] = max(peak[0], proc.memory_info().rss)
+    return _load_tokenizer(*a, **k)
+mlx_lm.utils.load_tokenizer = load_tokenizer
 t0 = time.perf_counter()
 if which == "squish":
     model = L.load_artifact(path).model
@@ -50,8 +58,13 @@ done[0] = True; th.join()
 after = proc.memory_info().rss
 ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 ru = ru if sys.platform == "darwin" else ru * 1024
+import pathlib
+size = sum(f.stat().st_size for f in pathlib.Path(path).glob("*.safetensors"))
+wp = weights_peak[0]
 print(json.dumps({"seconds": seconds, "rss_before": before, "rss_after": after,
-                  "peak_rss": max(peak[0], ru, after), "peak_rss_delta": max(peak[0], after) - before}))
+                  "peak_rss": max(peak[0], ru, after), "peak_rss_delta": max(peak[0], after) - before,
+                  "weights_bytes": size,
+                  "weights_peak_ratio": (wp - before) / size if wp is not None and size else None}))
 """
 
 GENERATE_CHILD = r"""

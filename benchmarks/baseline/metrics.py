@@ -18,6 +18,7 @@ METRICS = {
     "cold_start.ready_s": ("s", False, "cold start: process launch → `/health` answers 200"),
     "load.s": ("s", False, "model load time (in-process, fresh interpreter)"),
     "load.peak_rss_delta_bytes": ("MB", False, "peak RSS added by loading the model"),
+    "load.weights_peak_ratio": ("×", False, "peak RSS of the weights phase / weight-file size"),
     "http.short.ttft_s": ("ms", False, "TTFT, short prompt (HTTP streaming)"),
     "http.short.itl_s": ("ms", False, "inter-token latency, short prompt"),
     "http.short.decode_tok_s": ("tok/s", True, "decode tok/s, short prompt"),
@@ -81,6 +82,8 @@ def derive(raw: dict, global_raw: dict | None = None) -> dict:
         m["load.s"] = _cmp("load.s", *_pair(raw["load"], lambda r: r["seconds"]))
         m["load.peak_rss_delta_bytes"] = _cmp("load.peak_rss_delta_bytes",
                                               *_pair(raw["load"], lambda r: r["peak_rss_delta"]))
+        m["load.weights_peak_ratio"] = _cmp("load.weights_peak_ratio",
+                                            *_pair(raw["load"], lambda r: r.get("weights_peak_ratio")))
     else:
         missing("load.s", "load")
     for kind in ("short", "long"):
