@@ -127,7 +127,7 @@ def _banned(tokenizer, vocab: int) -> list[int]:
 def _self_generated(ref, tokenizer, n, L, rng, temperature, top_p):
     arch = nf.make_arch(ref.config, max_pos=2 * L + 8)
     T = ref.tensors()
-    layers = [nf.layer_weights(T, i) for i in range(arch.n_layers)]
+    layers = nf.StreamedLayers(ref.tensors, arch.n_layers)  # one layer in float32 at a time
     embed = np.array(T["model.embed_tokens.weight"].astype(mx.float32))
     head = embed if arch.tied or "lm_head.weight" not in T else np.array(T["lm_head.weight"].astype(mx.float32))
     lm = nf.NumpyLM(arch, layers, embed, np.array(T["model.norm.weight"].astype(mx.float32)), head)

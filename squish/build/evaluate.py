@@ -153,32 +153,55 @@ def heldout_windows(tokenizer, window: int, max_windows: int | None, path: Path 
     return np.array(ids[: n * window], dtype=np.int64).reshape(n, window)
 
 
-def quantized_layers(model: nn.Module) -> tuple[list[dict], np.ndarray, np.ndarray, np.ndarray]:
-    """Dequantized float32 numpy weights of an mlx_lm model, per block + embed/norm/head."""
+def _dense(module: nn.Module, prefix: str = "") -> dict[str, np.ndarray]:
+    """Float32 numpy weights of ``module`` (keys under ``prefix``), quantized linears and
+    embeddings dequantized."""
     from mlx.utils import tree_flatten
 
-    flat = dict(tree_flatten(model.parameters()))
+    def key(*parts: str) -> str:
+        return ".".join(p for p in (prefix, *parts) if p)
+
+    flat = dict(tree_flatten(module.parameters()))
     dense: dict[str, np.ndarray] = {}
-    for name, mod in model.named_modules():
+    for name, mod in module.named_modules():
         if isinstance(mod, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             w = mx.dequantize(mod.weight, mod.scales, mod.biases, group_size=mod.group_size,
                               bits=mod.bits, mode=getattr(mod, "mode", "affine"))
-            dense[name + ".weight"] = np.array(w.astype(mx.float32))
+            dense[key(name, "weight")] = np.array(w.astype(mx.float32))
             if "bias" in mod:
-                dense[name + ".bias"] = np.array(mod["bias"].astype(mx.float32))
+                dense[key(name, "bias")] = np.array(mod["bias"].astype(mx.float32))
     for k, v in flat.items():
-        base = k.rsplit(".", 1)[0]
-        if base + ".scales" in flat or k in dense:
+        base = k.rsplit(".", 1)[0] if "." in k else ""
+        if (base + ".scales" if base else "scales") in flat or key(k) in dense:
             continue
-        dense[k] = np.array(v.astype(mx.float32))
-    n = len(model.model.layers)
-    layers = []
-    for i in range(n):
-        pre = f"model.layers.{i}."
-        layers.append({k[len(pre):]: v for k, v in dense.items() if k.startswith(pre)})
-    embed = dense["model.embed_tokens.weight"]
-    head = dense.get("lm_head.weight", embed)
-    return layers, embed, dense["model.norm.weight"], head
+        dense[key(k)] = np.array(v.astype(mx.float32))
+    return dense
+
+
+class _QuantizedBlocks:
+    """The model's blocks as float32 dicts, dequantized one at a time per pass."""
+
+    def __init__(self, model: nn.Module):
+        self.blocks = model.model.layers
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __iter__(self):
+        return (_dense(block) for block in self.blocks)
+
+
+def quantized_layers(model: nn.Module) -> tuple[_QuantizedBlocks, np.ndarray, np.ndarray, np.ndarray]:
+    """Dequantized float32 numpy weights of an mlx_lm model: the blocks (dequantized
+    per pass, one at a time) + embed/norm/head."""
+    top = {}
+    for name in ("embed_tokens", "norm"):
+        top.update(_dense(getattr(model.model, name), f"model.{name}"))
+    if "lm_head" in model:
+        top.update(_dense(model.lm_head, "lm_head"))
+    embed = top["model.embed_tokens.weight"]
+    head = top.get("lm_head.weight", embed)
+    return _QuantizedBlocks(model), embed, top["model.norm.weight"], head
 
 
 def _final_hidden_ref(ref: Reference, arch, toks):

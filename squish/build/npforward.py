@@ -218,11 +218,32 @@ def check_against_mlx(config: dict, W: dict, arch: Arch, x: np.ndarray, tol: flo
 # ---------------------------------------------------------------- full model
 
 
+class StreamedLayers:
+    """The float32 block weights of a lazy tensor source, one full pass at a time.
+
+    Each pass (``iter``) opens a fresh lazy dict with ``open_tensors()`` and takes
+    (drops) every layer once converted, so a whole-model numpy pass holds one layer
+    in float32, and nothing in the source dtype, at any time. Costs one conversion
+    of the model per pass."""
+
+    def __init__(self, open_tensors, n_layers: int):
+        self.open_tensors, self.n = open_tensors, n_layers
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        T = self.open_tensors()
+        for i in range(self.n):
+            yield layer_weights(T, i, take=True)
+
+
 class NumpyLM:
     """Whole-model numpy forward from per-layer weight dicts (for generation/eval).
 
-    ``layers`` is a list of block weight dicts; ``embed`` [vocab, D]; ``norm`` [D];
-    ``head`` [vocab, D] (the embedding when tied).
+    ``layers`` is an iterable of block weight dicts with a length, walked once per
+    forward pass (a list, or a :class:`StreamedLayers`); ``embed`` [vocab, D];
+    ``norm`` [D]; ``head`` [vocab, D] (the embedding when tied).
     """
 
     def __init__(self, arch: Arch, layers, embed, norm, head):
@@ -241,14 +262,16 @@ class NumpyLM:
         B = len(prompts)
         lens = np.array([len(p) for p in prompts])
         T = lens.max() + n_new
-        K = [np.zeros((B, a.n_kv, T, a.head_dim), np.float32) for _ in self.layers]
-        V = [np.zeros((B, a.n_kv, T, a.head_dim), np.float32) for _ in self.layers]
+        K = [np.zeros((B, a.n_kv, T, a.head_dim), np.float32) for _ in range(len(self.layers))]
+        V = [np.zeros((B, a.n_kv, T, a.head_dim), np.float32) for _ in range(len(self.layers))]
         last = np.zeros((B, a.hidden), np.float32)
-        for b, p in enumerate(prompts):  # prefill one by one (prompts are short)
-            x = self.embed[np.array(p)][None]
-            for li, W in enumerate(self.layers):
-                x = self._step_block(x, W, K[li][b:b + 1], V[li][b:b + 1], np.array([0]))
-            last[b] = x[0, -1]
+        xs = [self.embed[np.array(p)][None] for p in prompts]
+        for li, W in enumerate(self.layers):  # one pass; prompts one by one (short, unequal)
+            for b in range(B):
+                xs[b] = self._step_block(xs[b], W, K[li][b:b + 1], V[li][b:b + 1], np.array([0]))
+        for b in range(B):
+            last[b] = xs[b][0, -1]
+        del xs
         out = [list(p) for p in prompts]
         pos = lens.copy()
         for _ in range(n_new):
