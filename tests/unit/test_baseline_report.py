@@ -85,18 +85,29 @@ def test_scale_units():
     assert report.scale("s", None) == "—"
 
 
-def test_quality_table_from_newest_result(tmp_path):
+def test_quality_table_takes_each_config_from_the_newest_result_that_has_it(tmp_path):
     import json
 
-    for stamp, kld in (("20260101T000000Z", 0.5), ("20260102T000000Z", 0.1)):
+    def row(config, kld):
+        return {"config": config, "bits": int(config[0]), "method": "awq", "bpw": 4.5, "mean_kld": kld,
+                "top1_agreement": 0.9, "ppl_ref": 25.0, "ppl_quant": 26.0, "ppl_delta": 0.04}
+
+    runs = (("20260101T000000Z", [row("4:64:squish", 0.5), row("8:64:squish", 0.01)]),
+            ("20260102T000000Z", [row("3:64:squish", 0.7), row("4:64:squish", 0.1)]))
+    for stamp, rows in runs:
         d = tmp_path / f"{stamp}_quant_quality"
         d.mkdir()
-        (d / "results.json").write_text(json.dumps({"rows": [
-            {"config": "4:64:squish", "method": "awq", "bpw": 4.5, "mean_kld": kld, "top1_agreement": 0.9,
-             "ppl_ref": 25.0, "ppl_quant": 26.0, "ppl_delta": 0.04}]}))
+        (d / "results.json").write_text(json.dumps({"rows": rows}))
     q = quality.latest(results=tmp_path)
     assert q["folder"] == "20260102T000000Z_quant_quality"
-    assert "| 4:64:squish | awq | 4.500 | 0.1000 | 0.9000 | 25.00 | 26.00 | +4.0% |" in q["table"]
+    assert q["folders"] == ["20260101T000000Z_quant_quality", "20260102T000000Z_quant_quality"]
+    assert [(r["config"], r["mean_kld"]) for r in q["rows"]] == [
+        ("8:64:squish", 0.01), ("4:64:squish", 0.1), ("3:64:squish", 0.7)]
+    assert ("| 4:64:squish | awq | 4.500 | 0.1000 | 0.9000 | 25.00 | 26.00 | +4.0% "
+            "| 20260102T000000Z_quant_quality |") in q["table"]
+    assert "0.5000" not in q["table"]  # the older INT4 row was replaced
+    section = report.quality_section(q)
+    assert "[`20260101T000000Z_quant_quality`](../20260101T000000Z_quant_quality/results.json)" in section
     assert quality.latest(results=tmp_path / "none") is None
 
 
