@@ -16,8 +16,8 @@ SCRIPT = ROOT / "benchmarks" / "quant_quality.py"
 
 
 def latest(rerun: bool = False, results: Path = RESULTS) -> dict | None:
-    """``{"folder" (newest used), "folders", "link", "links", "table", "rows", "error"?}``, or
-    None when no result exists. Each row gains ``source``: the folder it came from."""
+    """``{"links": {folder: relative link}, "table", "rows", "error"?}``, or None when no result
+    exists. Each row gains ``source``: the folder it came from."""
     error = None
     if rerun:
         if SCRIPT.exists():
@@ -28,7 +28,7 @@ def latest(rerun: bool = False, results: Path = RESULTS) -> dict | None:
             error = "benchmarks/quant_quality.py not found"
     folders = sorted(p for p in results.glob("*_quant_quality") if (p / "results.json").exists())
     if not folders:
-        return {"error": error, "folder": None, "link": None, "table": "", "rows": []} if error else None
+        return {"error": error, "links": {}, "table": "", "rows": []} if error else None
     newest: dict[str, tuple[Path, dict]] = {}
     for folder in folders:  # oldest first, so a newer folder's row replaces an older one's
         for row in json.loads((folder / "results.json").read_text()).get("rows", []):
@@ -36,9 +36,7 @@ def latest(rerun: bool = False, results: Path = RESULTS) -> dict | None:
     ordered = sorted(newest.values(), key=lambda fr: -_bits(fr[1]))  # INT8, INT4, INT3
     rows = [{**row, "source": folder.name} for folder, row in ordered]
     used = sorted({folder.name for folder, _ in ordered})
-    out = {"folder": used[-1], "folders": used, "link": f"../{used[-1]}/results.json",
-           "links": {name: f"../{name}/results.json" for name in used}, "rows": rows,
-           "table": markdown_table(rows)}
+    out = {"links": {name: f"../{name}/results.json" for name in used}, "rows": rows, "table": markdown_table(rows)}
     if error:
         out["error"] = error
     return out

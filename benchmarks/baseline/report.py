@@ -99,8 +99,9 @@ def quality_section(quality: dict | None) -> str:
     if not quality:
         return ("_No quantization-quality result found under `benchmarks/results/*_quant_quality/`; "
                 "run `benchmarks/quant_quality.py` (or this script with `--full`)._")
-    links = quality.get("links") or {quality["folder"]: quality["link"]}
-    head = "From " + ", ".join(f"[`{name}`]({link})" for name, link in links.items()) + ":\n\n"
+    if not quality["links"]:
+        return f"_No quantization-quality result: {quality.get('error')}_"
+    head = "From " + ", ".join(f"[`{name}`]({link})" for name, link in quality["links"].items()) + ":\n\n"
     return head + quality["table"]
 
 

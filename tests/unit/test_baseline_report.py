@@ -99,8 +99,7 @@ def test_quality_table_takes_each_config_from_the_newest_result_that_has_it(tmp_
         d.mkdir()
         (d / "results.json").write_text(json.dumps({"rows": rows}))
     q = quality.latest(results=tmp_path)
-    assert q["folder"] == "20260102T000000Z_quant_quality"
-    assert q["folders"] == ["20260101T000000Z_quant_quality", "20260102T000000Z_quant_quality"]
+    assert list(q["links"]) == ["20260101T000000Z_quant_quality", "20260102T000000Z_quant_quality"]
     assert [(r["config"], r["mean_kld"]) for r in q["rows"]] == [
         ("8:64:squish", 0.01), ("4:64:squish", 0.1), ("3:64:squish", 0.7)]
     assert ("| 4:64:squish | awq | 4.500 | 0.1000 | 0.9000 | 25.00 | 26.00 | +4.0% "
@@ -109,6 +108,11 @@ def test_quality_table_takes_each_config_from_the_newest_result_that_has_it(tmp_
     section = report.quality_section(q)
     assert "[`20260101T000000Z_quant_quality`](../20260101T000000Z_quant_quality/results.json)" in section
     assert quality.latest(results=tmp_path / "none") is None
+
+
+def test_quality_section_names_the_error_when_no_result_exists():
+    q = {"error": "quant_quality.py exited 2: no GGUF", "links": {}, "table": "", "rows": []}
+    assert report.quality_section(q) == "_No quantization-quality result: quant_quality.py exited 2: no GGUF_"
 
 
 def test_interleaving_alternates_who_goes_first():
