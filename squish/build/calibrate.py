@@ -128,8 +128,8 @@ def _self_generated(ref, tokenizer, n, L, rng, temperature, top_p):
     arch = nf.make_arch(ref.config, max_pos=2 * L + 8)
     T = ref.tensors()
     layers = nf.StreamedLayers(ref.tensors, arch.n_layers)  # one layer in float32 at a time
-    embed = np.array(T["model.embed_tokens.weight"].astype(mx.float32))
-    head = embed if arch.tied or "lm_head.weight" not in T else np.array(T["lm_head.weight"].astype(mx.float32))
+    embed = nf.VocabRows(T["model.embed_tokens.weight"])  # as stored; float32 by rows / vocab chunks
+    head = embed if arch.tied or "lm_head.weight" not in T else nf.VocabRows(T["lm_head.weight"])
     lm = nf.NumpyLM(arch, layers, embed, np.array(T["model.norm.weight"].astype(mx.float32)), head)
     order = rng.permutation(len(PROMPTS))
     prompts = [_prompt_ids(tokenizer, PROMPTS[order[i % len(PROMPTS)]]) for i in range(n)]

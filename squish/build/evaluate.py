@@ -191,17 +191,14 @@ class _QuantizedBlocks:
         return (_dense(block) for block in self.blocks)
 
 
-def quantized_layers(model: nn.Module) -> tuple[_QuantizedBlocks, np.ndarray, np.ndarray, np.ndarray]:
-    """Dequantized float32 numpy weights of an mlx_lm model: the blocks (dequantized
-    per pass, one at a time) + embed/norm/head."""
-    top = {}
-    for name in ("embed_tokens", "norm"):
-        top.update(_dense(getattr(model.model, name), f"model.{name}"))
-    if "lm_head" in model:
-        top.update(_dense(model.lm_head, "lm_head"))
-    embed = top["model.embed_tokens.weight"]
-    head = top.get("lm_head.weight", embed)
-    return _QuantizedBlocks(model), embed, top["model.norm.weight"], head
+def quantized_layers(model: nn.Module) -> tuple[_QuantizedBlocks, nf.VocabRows, np.ndarray, nf.VocabRows]:
+    """An mlx_lm model's weights for the numpy passes: the blocks (dequantized to
+    float32 per pass, one at a time), the embedding and head as stored (dequantized
+    by rows / vocab chunks, :class:`npforward.VocabRows`), the final norm in float32."""
+    embed = nf.VocabRows.of(model.model.embed_tokens)
+    head = nf.VocabRows.of(model.lm_head) if "lm_head" in model else embed
+    norm = _dense(model.model.norm, "model.norm")["model.norm.weight"]
+    return _QuantizedBlocks(model), embed, norm, head
 
 
 def _final_hidden_ref(ref: Reference, arch, toks):
@@ -212,7 +209,7 @@ def _final_hidden_ref(ref: Reference, arch, toks):
     x = nf.rmsnorm(x, np.array(T["model.norm.weight"].astype(mx.float32)), arch.eps)
     head = T.get("lm_head.weight") if not arch.tied else None
     head = T["model.embed_tokens.weight"] if head is None else head
-    return x, head
+    return x, nf.VocabRows(head)
 
 
 def _log_softmax(z):
@@ -220,29 +217,37 @@ def _log_softmax(z):
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
-def distribution_metrics(ref_hidden, ref_head, q_logits_fn, toks, chunk_windows: int = 2) -> dict:
-    """KLD / top-1 / ppl / max|dlogit| / non-finite count over windows ``toks [n, L]``."""
+LOGITS_BLOCK = 1 << 23  # float32 logits per block of positions (32 MB; a few such temporaries live at once)
+
+
+def distribution_metrics(ref_hidden, ref_head, q_hidden, q_head, toks) -> dict:
+    """KLD / top-1 / ppl / max|dlogit| / non-finite count over windows ``toks [n, L]``.
+
+    ``*_hidden [n, L, D]`` are final hidden states (after the last norm), ``*_head``
+    the LM heads (numpy or ``VocabRows``). Logits are formed for a block of
+    positions at a time (``LOGITS_BLOCK`` values), never for all windows at once."""
     n, L = toks.shape
     kld_sum = top1 = count = 0.0
     nll_ref = nll_q = 0.0
     npred = 0
     max_d = 0.0
     nonfinite = 0
-    head = np.array(ref_head.astype(mx.float32)) if isinstance(ref_head, mx.array) else ref_head
-    for w0 in range(0, n, chunk_windows):
-        sl = slice(w0, w0 + chunk_windows)
-        lr = ref_hidden[sl] @ head.T
-        lq = q_logits_fn(sl)
+    vocab = ref_head.shape[0]
+    step = max(1, min(L, LOGITS_BLOCK // vocab))
+    for w, p0 in ((w, p0) for w in range(n) for p0 in range(0, L, step)):
+        sl = (w, slice(p0, p0 + step))
+        lr = nf.project(ref_hidden[sl], ref_head)
+        lq = nf.project(q_hidden[sl], q_head)
         nonfinite += int((~np.isfinite(lq)).sum())
         lq = np.nan_to_num(lq, nan=0.0, posinf=1e4, neginf=-1e4)
         max_d = max(max_d, float(np.abs(lr - lq).max()))
         pr, pq = _log_softmax(lr), _log_softmax(lq)
         kld_sum += float((np.exp(pr) * (pr - pq)).sum())
         top1 += float((lr.argmax(-1) == lq.argmax(-1)).sum())
-        count += lr.shape[0] * lr.shape[1]
-        tgt = toks[sl][:, 1:]
-        nll_ref -= float(np.take_along_axis(pr[:, :-1], tgt[..., None], -1).sum())
-        nll_q -= float(np.take_along_axis(pq[:, :-1], tgt[..., None], -1).sum())
+        count += lr.shape[0]
+        tgt = toks[w, p0 + 1:p0 + step + 1]  # position p predicts token p + 1 of its window
+        nll_ref -= float(np.take_along_axis(pr[:len(tgt)], tgt[:, None], -1).sum())
+        nll_q -= float(np.take_along_axis(pq[:len(tgt)], tgt[:, None], -1).sum())
         npred += tgt.size
     ppl_r, ppl_q = float(np.exp(nll_ref / npred)), float(np.exp(nll_q / npred))
     return {
@@ -281,7 +286,7 @@ def evaluate(ref: Reference, artifact_dir: Path, *, bits: int | None = None,
     for W in layers:
         xq = nf.block(xq, W, arch)
     xq = nf.rmsnorm(xq, norm, arch.eps)
-    metrics = distribution_metrics(ref_hidden, ref_head, lambda sl: xq[sl] @ head.T, toks)
+    metrics = distribution_metrics(ref_hidden, ref_head, xq, head, toks)
     del q
 
     # the shortcut must agree with the real quantized runtime

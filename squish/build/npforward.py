@@ -238,12 +238,76 @@ class StreamedLayers:
             yield layer_weights(T, i, take=True)
 
 
+class VocabRows:
+    """A [vocab, D] matrix (embedding, LM head) kept as stored, read in float32 by pieces.
+
+    A 152k-token vocabulary at D=1536 is 890 MB in float32, five decoder layers'
+    worth; this keeps only the stored array (bf16, float16, or MLX-quantized with
+    ``scales``/``biases``) and converts what each use needs: ``rows[ids]`` gathers
+    rows, ``project(x)`` computes ``x @ W.T`` over ``CHUNK`` rows at a time. Float32
+    out, float32 accumulation (numpy BLAS)."""
+
+    CHUNK = 8192
+
+    def __init__(self, weight, scales=None, biases=None, *, group_size: int = 64, bits: int = 4,
+                 mode: str = "affine"):
+        self.weight, self.scales, self.biases = weight, scales, biases
+        self._q = dict(group_size=group_size, bits=bits, mode=mode)
+        dim = weight.shape[1] * 32 // bits if scales is not None else weight.shape[1]
+        self.shape = (weight.shape[0], dim)
+
+    @classmethod
+    def of(cls, module) -> "VocabRows":
+        """From an ``nn.Embedding`` / ``nn.Linear`` or their quantized forms."""
+        if "scales" in module:
+            return cls(module.weight, module.scales, module.get("biases"), group_size=module.group_size,
+                       bits=module.bits, mode=getattr(module, "mode", "affine"))
+        return cls(module.weight)
+
+    def _f32(self, pick) -> np.ndarray:
+        import mlx.core as mx
+
+        w = pick(self.weight)
+        if self.scales is not None:
+            b = pick(self.biases) if self.biases is not None else None
+            w = mx.dequantize(w, pick(self.scales), b, **self._q)
+        return np.array(w.astype(mx.float32))
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return self._f32(lambda a: a[start:stop])
+
+    def __getitem__(self, ids) -> np.ndarray:
+        import mlx.core as mx
+
+        ids = np.asarray(ids)
+        flat = mx.array(ids.reshape(-1).astype(np.int32))
+        return self._f32(lambda a: mx.take(a, flat, axis=0)).reshape(*ids.shape, self.shape[1])
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        """``x [..., D] @ W.T`` -> float32 ``[..., vocab]``."""
+        out = np.empty((*x.shape[:-1], self.shape[0]), np.float32)
+        for a in range(0, self.shape[0], self.CHUNK):
+            b = min(a + self.CHUNK, self.shape[0])
+            out[..., a:b] = x @ self.rows(a, b).T
+        return out
+
+    def dense(self) -> np.ndarray:
+        """The whole matrix in float32 (tests; defeats the purpose elsewhere)."""
+        return self.rows(0, self.shape[0])
+
+
+def project(x: np.ndarray, head) -> np.ndarray:
+    """Logits ``x @ head.T`` for a numpy head or a :class:`VocabRows`."""
+    return head.project(x) if isinstance(head, VocabRows) else x @ head.T
+
+
 class NumpyLM:
     """Whole-model numpy forward from per-layer weight dicts (for generation/eval).
 
     ``layers`` is an iterable of block weight dicts with a length, walked once per
     forward pass (a list, or a :class:`StreamedLayers`); ``embed`` [vocab, D];
-    ``norm`` [D]; ``head`` [vocab, D] (the embedding when tied).
+    ``norm`` [D]; ``head`` [vocab, D] (the embedding when tied). ``embed`` and
+    ``head`` are numpy arrays or :class:`VocabRows`.
     """
 
     def __init__(self, arch: Arch, layers, embed, norm, head):
@@ -253,7 +317,7 @@ class NumpyLM:
         x = self.embed[tokens]
         for W in self.layers:
             x = block(x, W, self.arch)
-        return rmsnorm(x, self.norm, self.arch.eps) @ self.head.T
+        return project(rmsnorm(x, self.norm, self.arch.eps), self.head)
 
     def generate(self, prompts: list[list[int]], n_new: int, rng: np.random.Generator,
                  temperature: float, top_p: float, banned: list[int]) -> list[list[int]]:
@@ -275,7 +339,7 @@ class NumpyLM:
         out = [list(p) for p in prompts]
         pos = lens.copy()
         for _ in range(n_new):
-            lg = rmsnorm(last, self.norm, a.eps) @ self.head.T
+            lg = project(rmsnorm(last, self.norm, a.eps), self.head)
             lg[:, banned] = -np.inf
             tok = _sample(lg, rng, temperature, top_p)
             x = self.embed[tok][:, None]

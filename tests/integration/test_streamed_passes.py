@@ -1,6 +1,7 @@
-"""Whole-model numpy passes that hold one layer in float32 at a time give exactly
-what the resident (all layers in memory) versions gave: calibration-text
-generation from a lazy reference, and the quality gate's dequantized blocks."""
+"""Whole-model numpy passes that hold one layer in float32 at a time (and the
+embedding / head as stored, read by rows and vocab chunks) give what the
+resident versions gave: calibration-text generation from a lazy reference, and
+the quality gate's dequantized blocks."""
 
 from __future__ import annotations
 
@@ -28,13 +29,14 @@ def test_streamed_generation_equals_resident(tmp_path, arch):
     embed = np.array(T["model.embed_tokens.weight"].astype(mx.float32))
     norm = np.array(T["model.norm.weight"].astype(mx.float32))
     streamed = nf.StreamedLayers(ref.tensors, a.n_layers)
+    rows = nf.VocabRows(T["model.embed_tokens.weight"])  # what calibration uses: no float32 copy
     prompts = [[1, 5, 9, 30], [2, 7, 40, 41, 42, 43]]
 
-    def gen(layers):
-        lm = nf.NumpyLM(a, layers, embed, norm, embed)
+    def gen(layers, emb):
+        lm = nf.NumpyLM(a, layers, emb, norm, emb)
         return lm.generate(prompts, 6, np.random.default_rng(0), 1.0, 0.95, banned=[0])
 
-    assert gen(streamed) == gen(resident)
+    assert gen(streamed, rows) == gen(resident, embed)
     assert len(list(streamed)) == a.n_layers  # every pass opens a fresh source
 
 
@@ -77,6 +79,27 @@ def test_gate_blocks_equal_full_dequantization(tmp_path):
         assert W.keys() == want.keys()
         for k in W:
             assert np.array_equal(W[k], want[k]), k
-    assert np.array_equal(embed, full["model.embed_tokens.weight"])
+    assert isinstance(embed, nf.VocabRows)  # kept as stored, not a float32 copy
+    assert np.array_equal(embed.dense(), full["model.embed_tokens.weight"])
     assert np.array_equal(norm, full["model.norm.weight"])
     assert head is embed  # tied
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, embed.shape[0], (2, 5))
+    assert np.array_equal(embed[ids], full["model.embed_tokens.weight"][ids])
+    x = rng.standard_normal((2, 5, embed.shape[1])).astype(np.float32)
+    np.testing.assert_allclose(nf.project(x, head), x @ full["model.embed_tokens.weight"].T, rtol=1e-5, atol=1e-5)
+
+
+def test_vocab_rows_in_chunks_equal_the_whole_matrix(monkeypatch):
+    import mlx.core as mx
+
+    rng = np.random.default_rng(1)
+    w = mx.array(rng.standard_normal((1000, 64)).astype(np.float32)).astype(mx.bfloat16)
+    full = np.array(w.astype(mx.float32))
+    rows = nf.VocabRows(w)
+    monkeypatch.setattr(nf.VocabRows, "CHUNK", 300)  # 4 chunks, the last one partial
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    out = rows.project(x)
+    assert out.dtype == np.float32 and out.shape == (3, 1000)
+    np.testing.assert_allclose(out, x @ full.T, rtol=1e-5, atol=1e-4)
+    assert np.array_equal(rows[[3, 999, 3]], full[[3, 999, 3]])
