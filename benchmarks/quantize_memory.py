@@ -9,10 +9,18 @@ disk), so the number measured is the quantizer's own working set.
 
     .venv/bin/python benchmarks/quantize_memory.py --layers 2     # reduced, ~minutes
     .venv/bin/python benchmarks/quantize_memory.py                # all 28 layers (long on 2 cores)
+    .venv/bin/python benchmarks/quantize_memory.py --layers 2 --numpy-passes-only
 
 Prints peak RSS, RSS after every layer (flat = memory does not grow with
 depth) and the bf16 size of the full model; writes
 benchmarks/results/<UTC timestamp>_quantize_memory/results.json.
+
+``--numpy-passes`` also measures the build's two whole-model numpy passes that
+touch the full vocabulary (the 152k x 1536 embedding / tied head): self-generated
+calibration text (``calibrate``, 2 samples of 32 tokens, a byte-level stand-in
+tokenizer) and the quality gate's distribution metrics (``evaluate``, 2 windows
+of 256 tokens, the reference head on both sides). Each phase's peak is its own
+(VmHWM is reset before it through /proc/self/clear_refs, Linux only).
 """
 
 from __future__ import annotations
@@ -106,6 +114,58 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+class ByteTokenizer:
+    """A stand-in tokenizer for the random model: one id per byte, no chat template."""
+
+    eos_token_id = 0
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [3 + b for b in text.encode()]
+
+
+def numpy_passes(ref: Reference, cfg: dict) -> dict:
+    """Peak RSS of the vocabulary-wide numpy passes (see the module docstring)."""
+    import numpy as np
+
+    from squish.build import calibrate, evaluate
+    from squish.build import npforward as nf
+
+    out = {}
+    mx.clear_cache()
+    before = rss_mb()
+    reset_hwm()
+    t = time.perf_counter()
+    calibrate.calibration_tokens(ref, ByteTokenizer(), calib_file=None, n_samples=2, seq_len=32, seed=0)
+    out["calibration_text"] = {"rss_before_mb": round(before, 1), "peak_mb": round(hwm_mb(), 1),
+                               "seconds": round(time.perf_counter() - t, 1)}
+    mx.clear_cache()
+    before = rss_mb()
+    reset_hwm()
+    t = time.perf_counter()
+    toks = np.random.default_rng(0).integers(0, cfg["vocab_size"], (2, 256))
+    arch = nf.make_arch(cfg, max_pos=264)
+    hidden, head = evaluate._final_hidden_ref(ref, arch, toks)
+    evaluate.distribution_metrics(hidden, head, hidden, head, toks)
+    out["gate_metrics"] = {"rss_before_mb": round(before, 1), "peak_mb": round(hwm_mb(), 1),
+                           "seconds": round(time.perf_counter() - t, 1)}
+    for k, v in out.items():
+        print(f"{k}: peak RSS {v['peak_mb']:.0f} MB (from {v['rss_before_mb']:.0f} MB), {v['seconds']:.0f} s", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=28, help="decoder layers to build (28 = full model)")
@@ -117,6 +177,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="/tmp/squish-bench-quantize-memory",
                     help="where the random bf16 weights are written once (~3 GB for all 28 layers)")
     ap.add_argument("--write-weights-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--numpy-passes", action="store_true",
+                    help="also measure the calibration-text and quality-gate passes over the full vocabulary")
+    ap.add_argument("--numpy-passes-only", action="store_true", help="measure only those passes (no quantization)")
     a = ap.parse_args(argv)
 
     cfg = dict(QWEN25_15B, num_hidden_layers=a.layers)
@@ -126,6 +189,11 @@ def main(argv=None) -> int:
     full = shapes(QWEN25_15B)
     n_full = sum(int(mx.prod(mx.array(s)).item()) if s else 1 for s in full.values())
     ref = random_reference(cfg, Path(a.workdir))
+    if a.numpy_passes_only:
+        res = {"shape": "qwen2.5-1.5B", "layers_built": a.layers, "numpy_passes": numpy_passes(ref, cfg),
+               "embedding_float32_mb": round(QWEN25_15B["vocab_size"] * QWEN25_15B["hidden_size"] * 4 / 2**20, 1),
+               "embedding_bf16_mb": round(QWEN25_15B["vocab_size"] * QWEN25_15B["hidden_size"] * 2 / 2**20, 1)}
+        return _write(a, res)
     calib = mx.random.randint(0, cfg["vocab_size"], (a.samples, a.seq_len), key=mx.random.key(1))
     start = rss_mb()
     per_layer = []
@@ -158,6 +226,12 @@ def main(argv=None) -> int:
     print(json.dumps({k: v for k, v in res.items() if k != "per_layer"}, indent=1))
     print(f"peak RSS {res['peak_rss_mb']:.0f} MB vs bf16 model {res['bf16_full_model_mb']:.0f} MB "
           f"({res['peak_rss_mb'] / res['bf16_full_model_mb']:.2f}x), {a.layers}/{QWEN25_15B['num_hidden_layers']} layers built")
+    if a.numpy_passes:
+        res["numpy_passes"] = numpy_passes(ref, cfg)
+    return _write(a, res)
+
+
+def _write(a, res: dict) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     dest = Path(a.out) / f"{stamp}_quantize_memory"
     dest.mkdir(parents=True, exist_ok=True)
