@@ -26,7 +26,8 @@ class _ToolCollector:
       (parse_error, schema_error, unknown_tool, no_call, call_not_allowed, length,
       numerical, repetition, grammar);
     - ``squish_tool_requests_total{result}``: requests by result: ``ok`` (first attempt),
-      ``rescued`` (valid after a retry), ``failed`` (every attempt failed);
+      ``rescued`` (valid after a retry), ``degraded`` (valid, but only with a repetition
+      loop the constraint cut short), ``failed`` (every attempt failed);
     - ``squish_tool_failures_total{cause}``: failed requests by the last attempt's cause.
     """
 
@@ -43,7 +44,7 @@ class _ToolCollector:
         failures = CounterMetricFamily("squish_tool_failures", "Requests whose every attempt failed, "
                                        "by the last cause", labels=["cause"])
         results = CounterMetricFamily("squish_tool_requests", "Tool/JSON requests by result", labels=["result"])
-        for result in ("ok", "rescued"):
+        for result in ("ok", "rescued", "degraded"):
             results.add_metric([result], snap.get((result, ""), 0))
         results.add_metric(["failed"], sum(n for (ev, _), n in snap.items() if ev == "failed"))
         for (ev, cause), n in sorted(snap.items()):

@@ -187,7 +187,8 @@ class Run:
                 raise APIError(_ERROR_STATUS.get(final.kind, 500), final.message, code=final.kind)
             return Generation(text, "stop", "numerical")
         reason = "length" if final.reason == "length" else "stop"
-        return Generation(text, reason, final.problem, constraint_error=final.constraint_error)
+        return Generation(text, reason, final.problem, constraint_error=final.constraint_error,
+                          loops_closed=final.loops_closed)
 
     async def generate(self, convo: list) -> Generation:
         """One attempt, collected (the ``generate`` of ``loop.complete``)."""
@@ -250,6 +251,17 @@ async def stream(run: Run, messages: list, shapes: ChatShapes, include_usage: bo
     convo = list(messages)
     causes: list[str] = []
     last = ""
+    fallback = None  # a valid JSON reply whose looping value the constraint cut short (loop.complete)
+
+    def done(reason: str, result: str):
+        run.stats.add(result)
+        fin = run.usage.finish(reason)
+        run.account("200", fin)
+        yield sse(shapes.finish(reason))
+        if include_usage:
+            yield sse(shapes.usage_chunk(fin))
+        yield SSE_DONE
+
     try:
         for attempt in range(1, loop.DEFAULT_MAX_ATTEMPTS + 1):
             run.stats.add("attempt")
@@ -276,23 +288,27 @@ async def stream(run: Run, messages: list, shapes: ChatShapes, include_usage: bo
                 reason, err = _judge_stream(task, gen, ts)
             else:
                 outcome, err = loop.judge(task, gen)
+                if err is None and gen.loops_closed:
+                    fallback, err = outcome, loop.LOOP_CLOSED
                 if err is None:
                     yield sse(shapes.content(outcome.content))
                     reason = outcome.finish_reason
             if err is None:
-                run.stats.add("rescued" if causes else "ok")
-                fin = run.usage.finish(reason)
-                run.account("200", fin)
-                yield sse(shapes.finish(reason))
-                if include_usage:
-                    yield sse(shapes.usage_chunk(fin))
-                yield SSE_DONE
+                # sent tool calls are final, even when the constraint cut a loop short in them
+                result = "degraded" if gen.loops_closed else "rescued" if causes else "ok"
+                for chunk in done(reason, result):
+                    yield chunk
                 return
             cause, last = err
             causes.append(cause)
             if attempt < loop.DEFAULT_MAX_ATTEMPTS:
                 run.stats.add("retry", cause)
                 convo = loop.correction(messages, gen.text, task, last)
+        if fallback is not None:
+            yield sse(shapes.content(fallback.content))
+            for chunk in done(fallback.finish_reason, "degraded"):
+                yield chunk
+            return
         run.stats.add("failed", causes[-1])
         raise ToolCallFailed(
             f"the model produced no valid {'JSON output' if task.fmt else 'tool call'} in "

@@ -92,6 +92,7 @@ class Finish:
     # spending) or "grammar" (the constraint's matcher failed and forced EOS).
     problem: str | None = None
     constraint_error: str | None = None
+    loops_closed: int = 0  # repetition loops the constraint cut short (squish.tools.constraints)
 
 
 @dataclass
@@ -421,7 +422,8 @@ class Engine:
         if isinstance(final, Finish):
             err = getattr(st.processor, "error", None)
             problem = st.problem or ("grammar" if err is not None else None)
-            final = Finish(final.reason, len(st.req.prompt), len(st.generated), st.cached, problem, err)
+            final = Finish(final.reason, len(st.req.prompt), len(st.generated), st.cached, problem, err,
+                           getattr(st.processor, "loops_closed", 0))
             status = problem or final.reason  # metrics outcome: "repetition" / "grammar" when set
         else:
             status = final.kind

@@ -21,6 +21,12 @@ and a corrective user turn naming the error (``CORRECTION``). If every attempt
 fails, ``ToolCallFailed`` (HTTP 500, code ``tool_call_failed``) names the last
 error and lists each attempt's cause: the client never gets a half-parsed call.
 
+A repetition loop that the constraint cut short (``loops_closed``, see
+``squish.tools.constraints``) leaves a reply that parses and validates but
+holds a truncated, repetitive value. It counts as a ``repetition`` failure and
+is retried; if no later attempt is valid, the newest such reply is returned
+(result ``degraded``) rather than an error, since it satisfies the schema.
+
 With ``parallel_tool_calls`` false, only the first valid call is returned.
 With parallel calls, a last call cut off by ``max_tokens`` after complete,
 valid calls is dropped (the complete ones are returned, as a stream would
@@ -46,6 +52,7 @@ from squish.tools.spec import OutputFormat, ToolChoice, ToolSpec
 
 DEFAULT_MAX_ATTEMPTS = 3
 CALL_NOT_ALLOWED = "call_not_allowed"
+LOOP_CLOSED = ("repetition", "the reply got stuck repeating itself inside a value")
 CORRECTION = (
     "Your previous reply was invalid: {error}. Reply again, correctly: {expected}"
 )
@@ -64,7 +71,7 @@ class ToolStats:
 
     def snapshot(self) -> dict[tuple[str, str], int]:
         """``{(event, cause): count}``; events: ``attempt``, ``retry`` (cause),
-        ``rescued``, ``failed`` (cause), ``ok``."""
+        ``rescued``, ``degraded``, ``failed`` (cause), ``ok``."""
         with self._lock:
             return dict(self._c)
 
@@ -177,10 +184,13 @@ async def complete(generate: Callable[[list], Awaitable], messages: list, task: 
     causes: list[str] = []
     convo = list(messages)
     last = ""
+    fallback: Outcome | None = None  # the newest valid reply whose looping value was cut short
     for attempt in range(1, max_attempts + 1):
         stats.add("attempt")
         gen = await generate(convo)
         outcome, err = judge(task, gen)
+        if err is None and getattr(gen, "loops_closed", 0):
+            fallback, err = outcome, LOOP_CLOSED
         if err is None:
             outcome.attempts, outcome.causes = attempt, causes
             stats.add("rescued" if causes else "ok")
@@ -190,6 +200,10 @@ async def complete(generate: Callable[[list], Awaitable], messages: list, task: 
         if attempt < max_attempts:
             stats.add("retry", cause)
             convo = correction(messages, gen.text, task, last)
+    if fallback is not None:
+        fallback.attempts, fallback.causes = max_attempts, causes
+        stats.add("degraded")
+        return fallback
     stats.add("failed", causes[-1])
     raise ToolCallFailed(
         f"the model produced no valid {'JSON output' if task.fmt else 'tool call'} in "

@@ -24,6 +24,7 @@ class Generation:
     tokens: int = 0
     seconds: float = 0.0  # decode time after the first token
     constraint_error: str | None = None
+    loops_closed: int = 0  # repetition loops the constraint cut short
 
 
 def load_reference(gguf: Path, workdir: Path):
@@ -43,7 +44,9 @@ def load_reference(gguf: Path, workdir: Path):
 
 
 def generate(model, tokenizer, prompt: list[int], *, max_tokens: int = 128, constraint=None,
-             temperature: float = 0.0, seed: int = 0) -> Generation:
+             temperature: float = 0.0, seed: int = 0, prefix=None) -> Generation:
+    """``prefix``: a ``squish.runtime.prompt_cache.PrefixCache`` to reuse and store
+    KV caches across calls (as the server does), so repeated prompts skip prefill."""
     import mlx.core as mx
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
@@ -51,15 +54,22 @@ def generate(model, tokenizer, prompt: list[int], *, max_tokens: int = 128, cons
     from squish.runtime.detokenizer import detect_loop
 
     mx.random.seed(seed)
-    proc = constraint.processor(len(prompt)) if constraint is not None else None
     eos = set(tokenizer.eos_token_ids)
     ids: list[int] = []
     text: list[str] = []
     finish, problem = "length", None
     t_first = None
+    kv, reused = prefix.lookup(prompt) if prefix is not None else (None, 0)
+    if prefix is not None and kv is None:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        kv = make_prompt_cache(model)
+    # stream_generate hands processors only the tokens it was given (not the reused prefix)
+    proc = constraint.processor(len(prompt) - reused) if constraint is not None else None
     for resp in stream_generate(
-        model, tokenizer, mx.array(prompt), max_tokens=max_tokens,
+        model, tokenizer, mx.array(prompt[reused:]), max_tokens=max_tokens,
         sampler=make_sampler(temp=temperature), logits_processors=[proc] if proc else None,
+        prompt_cache=kv,
     ):
         if t_first is None:
             t_first = time.perf_counter()
@@ -76,8 +86,11 @@ def generate(model, tokenizer, prompt: list[int], *, max_tokens: int = 128, cons
             break
         if resp.finish_reason is not None:
             finish = "stop" if resp.finish_reason == "stop" else "length"
+    if prefix is not None:
+        prefix.store(prompt + ids, kv)
     err = getattr(proc, "error", None)
     if err is not None and problem is None:
         problem = "grammar"
     secs = time.perf_counter() - t_first if t_first is not None else 0.0
-    return Generation(tokenizer.decode(ids), finish, problem, len(ids), secs, err)
+    return Generation(tokenizer.decode(ids), finish, problem, len(ids), secs, err,
+                      getattr(proc, "loops_closed", 0))

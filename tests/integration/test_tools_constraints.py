@@ -160,6 +160,55 @@ def test_bad_token_forces_eos_and_records_error(tok):
     assert list(ok) == sorted(tok.eos_token_ids) and proc.error
 
 
+def _first_chars(tok, ids):
+    return {tok.decode([int(t)])[:1] for t in ids}
+
+
+def test_a_loop_inside_a_string_is_closed_then_its_object(tok):
+    schema = {"type": "object", "properties": {"q": {"type": "string"}, "n": {"type": "integer"}},
+              "required": ["q"], "additionalProperties": False}
+    proc = constraints.json_output(tok, spec.OutputFormat("json_schema", schema)).processor(0)
+    head, rep = tok.encode('{"q": "https://x.com'), tok.encode("/search")
+    ids = head + rep * 16  # >= LOOP_SPAN tokens of repetition
+    before = allowed(proc, head + rep * 4, 49152)
+    assert len(before) > 1000 and proc.loops_closed == 0  # no loop yet: the string may go on
+    ok = allowed(proc, ids, 49152)
+    assert proc.loops_closed == 1 and _first_chars(tok, ok) == {'"'}
+    ids += tok.encode('"')
+    ok = allowed(proc, ids, 49152)
+    assert _first_chars(tok, ok) == {"}"}  # the optional "n" is skipped: the object closes
+    ids += tok.encode("}")
+    assert list(allowed(proc, ids, 49152)) == sorted(tok.eos_token_ids)
+    from squish.tools import validate
+
+    value, err = validate.check_json_output(tok.decode(ids), schema)
+    assert err is None and value["q"].startswith("https://x.com/search")
+
+
+def test_a_closed_loop_keeps_required_fields_and_watching_resumes(tok):
+    schema = {"type": "object", "properties": {"q": {"type": "string"}, "r": {"type": "string"}},
+              "required": ["q", "r"], "additionalProperties": False}
+    proc = constraints.json_output(tok, spec.OutputFormat("json_schema", schema)).processor(0)
+    ids = tok.encode('{"q": "a') + tok.encode(" b") * 30
+    assert _first_chars(tok, allowed(proc, ids, 49152)) == {'"'}
+    ids += tok.encode('"')
+    ok = allowed(proc, ids, 49152)
+    assert "," in _first_chars(tok, ok) and "}" not in _first_chars(tok, ok)  # "r" is required
+    ids += tok.encode(', "r": "')
+    assert len(allowed(proc, ids, 49152)) > 1000  # the new string is free again
+    ids += tok.encode(" c") * 30
+    assert _first_chars(tok, allowed(proc, ids, 49152)) == {'"'} and proc.loops_closed == 2
+
+
+def test_a_loop_over_array_items_ends_the_array(tok):
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}}},
+              "required": ["tags"], "additionalProperties": False}
+    proc = constraints.json_output(tok, spec.OutputFormat("json_schema", schema)).processor(0)
+    ids = tok.encode('{"tags": ["x"') + tok.encode(', "x"') * 12
+    ok = allowed(proc, ids, 49152)
+    assert proc.loops_closed == 1 and _first_chars(tok, ok) == {"]"}
+
+
 def test_model_json_schema_output_validates(smol):
     model, tok = smol
     fmt = spec.OutputFormat("json_schema", {"type": "object", "additionalProperties": False,

@@ -54,6 +54,7 @@ def client(tmp_path_factory):
         # The tiny byte-level tokenizer spends ~500 tokens on the fallback tool prompt; its
         # 512-position config is a label only (RoPE), so give the API a larger context.
         app.state.context_length, app.state._ctx_synced = 4096, True
+        c.artifact = art
         yield c
 
 
@@ -181,3 +182,29 @@ def test_bad_tool_requests_are_400(client, extra, param):
 def test_bad_message_name_is_422(client):
     r = chat(client, messages=[{"role": "user", "content": "hi", "name": "no spaces allowed"}])
     assert r.status_code == 422 and r.json()["error"]["param"].startswith("messages")
+
+
+def test_a_loop_the_constraint_closes_is_retried_then_returned_degraded(client):
+    from tokenizers import Tokenizer
+
+    # The model is pushed (logit_bias) to repeat one letter inside a JSON string: the constraint
+    # closes the string after LOOP_SPAN repeated tokens, each attempt counts as a repetition
+    # failure, and the last valid reply is returned instead of an error.
+    tok = Tokenizer.from_file(str(client.artifact / "tokenizer.json"))
+    (a_id,) = tok.encode("a").ids
+    schema = {"type": "object", "required": ["s"], "additionalProperties": False,
+              "properties": {"s": {"type": "string"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    before = metric(client, 'squish_tool_requests_total{result="degraded"}')
+    retries = metric(client, 'squish_tool_retries_total{cause="repetition"}')
+    r = chat(client, response_format=fmt, logit_bias={str(a_id): 100})
+    assert r.status_code == 200, r.text
+    value = json.loads(r.json()["choices"][0]["message"]["content"])
+    assert set(value["s"]) == {"a"} and len(value["s"]) < 100  # closed long before max_tokens
+    assert metric(client, 'squish_tool_requests_total{result="degraded"}') == before + 1
+    assert metric(client, 'squish_tool_retries_total{cause="repetition"}') == retries + 2
+    chunks, done = sse_chunks(client, response_format=fmt, logit_bias={str(a_id): 100})
+    assert done
+    text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
+    assert json.loads(text) == value
+    assert metric(client, 'squish_tool_requests_total{result="degraded"}') == before + 2

@@ -130,3 +130,33 @@ def test_none_refuses_a_call_and_a_cut_last_parallel_call_is_dropped():
     assert out.finish_reason == "tool_calls" and len(out.tool_calls) == 1
     exc, _, _ = run(task(), Generation("", "length"), attempts=1)  # required, nothing complete
     assert exc.attempts == ["length"]
+
+
+def looped(text):
+    return Generation(text, "stop", loops_closed=1)
+
+
+def test_a_closed_loop_is_retried_and_a_clean_retry_wins():
+    good = call("add", {"a": 2, "b": 3})
+    out, seen, stats = run(task(), looped(call("add", {"a": 2, "b": 33333})), good)
+    assert out.attempts == 2 and out.causes == ["repetition"]
+    assert json.loads(out.tool_calls[0]["function"]["arguments"]) == {"a": 2, "b": 3}
+    assert "repeating itself" in seen[1][-1]["content"]
+    snap = stats.snapshot()
+    assert snap[("retry", "repetition")] == 1 and snap[("rescued", "")] == 1
+
+
+def test_a_closed_loop_is_returned_when_no_attempt_does_better():
+    first = call("add", {"a": 2, "b": 33333})
+    out, _, stats = run(task(), looped(first), "no call at all", looped(call("add", {"a": 2, "b": 4444})))
+    assert not isinstance(out, ToolCallFailed)
+    assert out.attempts == 3 and out.causes == ["repetition", "no_call", "repetition"]
+    assert json.loads(out.tool_calls[0]["function"]["arguments"]) == {"a": 2, "b": 4444}
+    snap = stats.snapshot()
+    assert snap[("degraded", "")] == 1 and ("failed", "repetition") not in snap
+
+
+def test_a_closed_loop_that_is_invalid_still_fails():
+    out, _, stats = run(task(), looped("<tool_call>{\"name\": \"add\""), "nope", "nope")
+    assert isinstance(out, ToolCallFailed)
+    assert ("degraded", "") not in stats.snapshot()
