@@ -51,8 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--queue-timeout", type=float, default=60.0,
                    help="seconds a request may wait for a batch slot (default 60)")
     p.add_argument("--max-body-kb", type=int, default=1024, help="request body limit in KiB (default 1024)")
-    p.add_argument("--prefix-cache-mb", type=int, default=256,
-                   help="memory for reusing prompt prefixes across requests, 0 = off (default 256)")
+    p.add_argument("--prefix-cache-mb", type=int, default=None,
+                   help="memory for reusing prompt prefixes across requests, 0 = off (default: the "
+                        "model's weight size, at least 64, at most 10%% of RAM)")
     p.add_argument("--dry-run", action="store_true",
                    help="resolve the model and build the server, but do not load it or bind")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -141,7 +142,8 @@ def run(args) -> int:
 
     engine = Engine(load, max_batch=settings.max_batch, max_queue=settings.max_queue,
                     queue_timeout=settings.queue_timeout,
-                    prefix_cache_bytes=settings.prefix_cache_mb << 20, observer=metrics)
+                    prefix_cache_bytes=None if settings.prefix_cache_mb is None else settings.prefix_cache_mb << 20,
+                    observer=metrics)
     app = create_app(settings, engine, metrics)
     url = f"http://{'[' + settings.host + ']' if ':' in settings.host else settings.host}:{settings.port}"
 

@@ -24,7 +24,7 @@ class ServeSettings:
     queue_timeout: float = 60.0
     max_batch: int = 8
     max_queue: int = 64
-    prefix_cache_mb: int = 256
+    prefix_cache_mb: int | None = None  # None: scaled to the model (runtime.prompt_cache.auto_max_bytes)
 
     def check(self) -> None:
         """Raise ValueError for unsafe or impossible settings."""
@@ -40,5 +40,5 @@ class ServeSettings:
                      "max_batch", "request_timeout", "queue_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
-        if self.max_queue < 0 or self.prefix_cache_mb < 0 or self.rate_limit_per_minute < 0:
+        if self.max_queue < 0 or (self.prefix_cache_mb or 0) < 0 or self.rate_limit_per_minute < 0:
             raise ValueError("--max-queue, --prefix-cache-mb and --rate-limit must not be negative")

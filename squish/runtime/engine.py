@@ -150,7 +150,7 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 64,
         queue_timeout: float = 60.0,
-        prefix_cache_bytes: int = 256 << 20,
+        prefix_cache_bytes: int | None = None,
         prefill_step: int = 512,
         observer: Any = None,
     ):
@@ -239,6 +239,15 @@ class Engine:
             prefill_batch_size=self.max_batch,
             prefill_step_size=self._prefill_step,
         )
+        if self._prefix_bytes is None:  # auto: scaled to the model (prompt_cache.auto_max_bytes)
+            from mlx.utils import tree_flatten
+
+            from squish.hardware import total_memory_bytes
+            from squish.runtime.prompt_cache import auto_max_bytes
+
+            weights = sum(v.nbytes for _, v in tree_flatten(info.model.parameters()))
+            self._prefix_bytes = auto_max_bytes(weights, total_memory_bytes())
+        log.info("prefix cache bound: %.0f MiB", self._prefix_bytes / 2**20)
         self._prefix = PrefixCache(self._prefix_bytes)
         self._waiting: deque[Request] = deque()
         self._active: dict[int, _Active] = {}

@@ -22,6 +22,20 @@ from __future__ import annotations
 from collections import OrderedDict
 
 MIN_REUSE_TOKENS = 8
+AUTO_MIN_BYTES = 64 << 20
+AUTO_RAM_FRACTION = 0.10
+
+
+def auto_max_bytes(weight_bytes: int, total_ram: int) -> int:
+    """The default bound: as many bytes as the model's weights, at least
+    ``AUTO_MIN_BYTES``, at most ``AUTO_RAM_FRACTION`` of physical memory.
+
+    KV bytes per token grow with the model (layers x KV heads x head size), so
+    a weights-sized cache holds a similar number of tokens for any model: ~2k on
+    SmolLM2-135M (float32 KV on the CPU backend, 46 KB/token), ~36k on
+    qwen2.5-1.5B INT4. A fixed bound is either wasteful for a small model or
+    holds not even one long prompt of an 8B model (4k tokens = 512 MB)."""
+    return int(max(AUTO_MIN_BYTES, min(weight_bytes, AUTO_RAM_FRACTION * total_ram)))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

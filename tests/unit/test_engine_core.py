@@ -258,3 +258,16 @@ def test_constraint_processor_runs_last_on_prompt_plus_completion(engine):
     prompt_len, last = only.seen[-1]
     assert prompt_len == len(PROMPT) and last[:len(PROMPT)] == PROMPT
     assert last[len(PROMPT):] == [11] * (len(last) - len(PROMPT))  # every sampled token obeyed the mask
+
+
+def test_prefix_cache_bound_scales_with_the_model(engine):
+    from mlx.utils import tree_flatten
+
+    from squish.hardware import total_memory_bytes
+    from squish.runtime.prompt_cache import AUTO_MIN_BYTES, auto_max_bytes
+
+    weights = sum(v.nbytes for _, v in tree_flatten(engine.model_info.model.parameters()))
+    assert engine._prefix.max_bytes == auto_max_bytes(weights, total_memory_bytes())
+    assert auto_max_bytes(1 << 20, 16 << 30) == AUTO_MIN_BYTES  # a tiny model still gets 64 MiB
+    assert auto_max_bytes(2 << 30, 64 << 30) == 2 << 30  # weights-sized
+    assert auto_max_bytes(5 << 30, 16 << 30) == int(0.1 * (16 << 30))  # at most 10% of RAM
