@@ -188,7 +188,7 @@ class Run:
             return Generation(text, "stop", "numerical")
         reason = "length" if final.reason == "length" else "stop"
         return Generation(text, reason, final.problem, constraint_error=final.constraint_error,
-                          loops_closed=final.loops_closed)
+                          closed_early=final.closed_early)
 
     async def generate(self, convo: list) -> Generation:
         """One attempt, collected (the ``generate`` of ``loop.complete``)."""
@@ -288,14 +288,14 @@ async def stream(run: Run, messages: list, shapes: ChatShapes, include_usage: bo
                 reason, err = _judge_stream(task, gen, ts)
             else:
                 outcome, err = loop.judge(task, gen)
-                if err is None and gen.loops_closed:
-                    fallback, err = outcome, loop.LOOP_CLOSED
+                if err is None and gen.closed_early:
+                    fallback, err = outcome, loop.CLOSED_EARLY[gen.closed_early]
                 if err is None:
                     yield sse(shapes.content(outcome.content))
                     reason = outcome.finish_reason
             if err is None:
                 # sent tool calls are final, even when the constraint cut a loop short in them
-                result = "degraded" if gen.loops_closed else "rescued" if causes else "ok"
+                result = "degraded" if gen.closed_early else "rescued" if causes else "ok"
                 for chunk in done(reason, result):
                     yield chunk
                 return

@@ -92,7 +92,7 @@ class Finish:
     # spending) or "grammar" (the constraint's matcher failed and forced EOS).
     problem: str | None = None
     constraint_error: str | None = None
-    loops_closed: int = 0  # repetition loops the constraint cut short (squish.tools.constraints)
+    closed_early: str | None = None  # the constraint closed a value early: "repetition" / "length"
 
 
 @dataclass
@@ -337,7 +337,7 @@ class Engine:
             procs = build_processors(p, len(req.prompt))
             constrained = None
             if req.constraint is not None:
-                constrained = req.constraint.processor(len(req.prompt))
+                constrained = req.constraint.processor(len(req.prompt), p.max_tokens)
                 procs.append(constrained)  # last: the mask sees every other adjustment
             uid = self._gen.insert(
                 [req.prompt[cached:]],
@@ -432,7 +432,7 @@ class Engine:
             err = getattr(st.processor, "error", None)
             problem = st.problem or ("grammar" if err is not None else None)
             final = Finish(final.reason, len(st.req.prompt), len(st.generated), st.cached, problem, err,
-                           getattr(st.processor, "loops_closed", 0))
+                           getattr(st.processor, "closed_early", None))
             status = problem or final.reason  # metrics outcome: "repetition" / "grammar" when set
         else:
             status = final.kind

@@ -28,8 +28,18 @@ output bytes), tokens starting with ``"``; then, if the grammar allows it at
 that point, one token starting with ``}`` or ``]`` (so a loop over array items
 ends the array). "Allowed" is llguidance's mask, so required fields, enums,
 ``minLength`` and ``minItems`` still hold: when no closer is allowed, the mask
-is left alone. The count is ``loops_closed``; the retry loop treats a closed
-loop as a failed attempt it may still fall back on (``squish.tools.loop``).
+is left alone.
+
+Token budget: a value can also run on without repeating exactly (SmolLM2 wrote
+an ever longer array of near-identical e-mail addresses). A processor given
+``max_tokens`` finishes the reply when the tokens left are no more than what
+closing it needs (open strings and brackets, a key that may have just been
+started, and ``END_RESERVE`` for the call's end marker; 14 tokens for a
+SmolLM2 call with flat arguments): from then on each step keeps EOS if the
+grammar allows it, else the allowed closers as above (tokens made only of
+closers first), else the longest allowed token. ``closed_early`` says why a reply was closed
+early ("repetition" or "length"); the retry loop treats such a reply as a
+failed attempt it may still fall back on (``squish.tools.loop``).
 
 End of sequence: the tokenizer's EOS ids are given to llguidance; the mask
 admits EOS exactly when the grammar is complete, and only EOS once nothing
@@ -59,11 +69,18 @@ from squish.tools.spec import OutputFormat, ToolChoice, ToolSpec
 
 GRAMMAR_CACHE_SIZE = 64
 LOOP_SPAN = 24  # tokens of exact repetition (period <= 32, >= 4 repeats) before a value is closed
+# Tokens kept, beyond one per open string / bracket, for what follows the JSON: SmolLM2's
+# "\n</tool_call>" is 6 tokens as the grammar forces them, then EOS. PENDING_RESERVE more inside
+# an object or array, where the step before finishing may have started a new key and value
+# (", \"note\": \"" is 4 tokens). Measured with the adversarial walk in
+# tests/integration/test_tools_constraints.py.
+END_RESERVE = 7
+PENDING_RESERVE = 4
 
 _lock = threading.Lock()  # guards the two caches below (handler threads build constraints)
 _tokenizers: dict[int, tuple[object, object]] = {}  # id(tokenizer) -> (tokenizer, LLTokenizer)
 _matchers: OrderedDict = OrderedDict()  # (id(LLTokenizer), grammar) -> compiled LLMatcher template
-_closers: dict[int, tuple[object, object, object]] = {}  # id(LLTokenizer) -> (LLTokenizer, quote, bracket)
+_closers: dict[int, tuple] = {}  # id(LLTokenizer) -> (LLTokenizer, quote, bracket, byte lengths)
 
 
 def ll_tokenizer(tokenizer):
@@ -83,7 +100,8 @@ def ll_tokenizer(tokenizer):
 
 
 def closer_tokens(llt):
-    """Boolean vocab masks (numpy): tokens whose bytes start with ``"``, and with ``}``/``]``.
+    """Per-token numpy arrays over the vocabulary: starts with ``"`` (bool), starts
+    with ``}``/``]`` (bool), made of ``"}]`` only (bool), byte length (int).
 
     The JSON style has no whitespace between tokens (``JSON_STYLE``), so a
     closer is always the first byte of its token. Built once per tokenizer
@@ -93,26 +111,34 @@ def closer_tokens(llt):
     with _lock:
         hit = _closers.get(id(llt))
         if hit is not None and hit[0] is llt:
-            return hit[1], hit[2]
-    first = [llt.decode_bytes([t])[:1] for t in range(llt.vocab_size)]
-    quote = np.array([b == b'"' for b in first], dtype=np.bool_)
-    bracket = np.array([b in (b"}", b"]") for b in first], dtype=np.bool_)
+            return hit[1:]
+    data = [llt.decode_bytes([t]) for t in range(llt.vocab_size)]
+    quote = np.array([b[:1] == b'"' for b in data], dtype=np.bool_)
+    bracket = np.array([b[:1] in (b"}", b"]") for b in data], dtype=np.bool_)
+    pure = np.array([len(b) > 0 and not b.strip(b'"}]') for b in data], dtype=np.bool_)
+    length = np.array([len(b) for b in data], dtype=np.int32)
     with _lock:
-        _closers[id(llt)] = (llt, quote, bracket)
-    return quote, bracket
+        _closers[id(llt)] = (llt, quote, bracket, pure, length)
+    return quote, bracket, pure, length
 
 
-class JsonStrings:
-    """Whether a byte stream is inside a JSON string (escapes included)."""
+class JsonScan:
+    """Whether a byte stream is inside a JSON string (escapes included), and how
+    many objects / arrays are open."""
 
     def __init__(self) -> None:
         self.inside = False
+        self.depth = 0
         self._escape = False
 
     def feed(self, data: bytes) -> None:
         for b in data:
             if not self.inside:
                 self.inside = b == 0x22
+                if b in (0x7B, 0x5B):  # { [
+                    self.depth += 1
+                elif b in (0x7D, 0x5D) and self.depth:  # } ]
+                    self.depth -= 1
             elif self._escape:
                 self._escape = False
             elif b == 0x5C:
@@ -188,8 +214,8 @@ class Constraint:
     def new_matcher(self):
         return self._template.deep_copy()
 
-    def processor(self, prompt_len: int) -> "MaskProcessor":
-        return MaskProcessor(self.new_matcher(), prompt_len, self.llt)
+    def processor(self, prompt_len: int, max_tokens: int | None = None) -> "MaskProcessor":
+        return MaskProcessor(self.new_matcher(), prompt_len, self.llt, max_tokens)
 
 
 class TriggeredConstraint(Constraint):
@@ -199,8 +225,8 @@ class TriggeredConstraint(Constraint):
         super().__init__(tokenizer, matcher, exact, "tools_auto")
         self.family = family
 
-    def processor(self, prompt_len: int) -> "TriggeredProcessor":
-        return TriggeredProcessor(self, prompt_len)
+    def processor(self, prompt_len: int, max_tokens: int | None = None) -> "TriggeredProcessor":
+        return TriggeredProcessor(self, prompt_len, max_tokens)
 
 
 # ---- builders (handler thread) ------------------------------------------------
@@ -248,9 +274,11 @@ def _tolist(tokens, start: int) -> list[int]:
 
 
 class MaskProcessor:
-    """mlx_lm logits processor: feed new tokens to the matcher, mask the rest to -inf."""
+    """mlx_lm logits processor: feed new tokens to the matcher, mask the rest to -inf.
 
-    def __init__(self, matcher, prompt_len: int, llt):
+    ``budget``: how many tokens the matcher may consume in all (None: no limit)."""
+
+    def __init__(self, matcher, prompt_len: int, llt, budget: int | None = None):
         import numpy as np
 
         self.matcher = matcher
@@ -258,12 +286,14 @@ class MaskProcessor:
         self.consumed = 0  # completion tokens fed to the matcher
         self.error: str | None = None
         self.loops_closed = 0
+        self.budget = budget
+        self.budget_closed = False
         self._llt = llt
         self._eos = list(llt.eos_tokens)
         words = (llt.vocab_size + 31) // 32
         self._bitmask = np.full((1, words), -1, dtype=np.int32)
         self._output: list[int] = []  # tokens this matcher has consumed
-        self._strings = JsonStrings()
+        self._strings = JsonScan()
         self._closing: str | None = None  # None | "string" | "bracket"
         self._watch_from = 0  # loop detection looks at _output[_watch_from:]
 
@@ -286,6 +316,11 @@ class MaskProcessor:
                 self.advance(t)
             self.consumed = n
             self._watch()
+
+    @property
+    def closed_early(self) -> str | None:
+        """Why the reply was closed early: "length" (token budget), "repetition", or None."""
+        return "length" if self.budget_closed else "repetition" if self.loops_closed else None
 
     def advance(self, t: int) -> None:
         """Track the output the matcher consumed: JSON string state and loop closing."""
@@ -324,24 +359,52 @@ class MaskProcessor:
         if bits.shape[0] < vocab:
             bits = np.concatenate([bits, np.zeros(vocab - bits.shape[0], np.uint8)])
         bits = bits[:vocab].astype(np.bool_)
-        if self._closing is not None:
+        if self._finishing():
+            bits = self._finish(bits)
+        elif self._closing is not None:
             bits = self._closers(bits)
         allowed = mx.array(bits)
         return mx.where(allowed, logits, mx.array(float("-inf"), dtype=logits.dtype))
 
+    def _finishing(self) -> bool:
+        if self.budget is None:
+            return False
+        scan = self._strings
+        needed = scan.depth + scan.inside + END_RESERVE + (PENDING_RESERVE if scan.depth else 0)
+        if self.budget - len(self._output) <= needed:
+            self.budget_closed = True
+        return self.budget_closed
+
+    def _finish(self, bits):
+        """The budget is nearly spent: EOS if the grammar allows it, else close what is
+        open, else (a required field, the end marker) the allowed token with the most
+        bytes, which gets through a fixed literal in the fewest steps."""
+        import numpy as np
+
+        eos = [t for t in self._eos if t < len(bits) and bits[t]]
+        if eos:
+            out = np.zeros_like(bits)
+            out[eos] = True
+            return out
+        quote, bracket, pure, length = closer_tokens(self._llt)
+        narrowed = _narrow(bits, quote if self._strings.inside else bracket, pure)
+        if narrowed is not bits:
+            return narrowed
+        n = min(len(bits), len(length))
+        ok = np.flatnonzero(bits[:n])
+        if ok.size == 0:
+            return bits
+        out = np.zeros_like(bits)
+        out[ok[np.argmax(length[ok])]] = True
+        return out
+
     def _closers(self, bits):
         """``bits`` narrowed to the allowed tokens that close the looping value, if any."""
-        quote, bracket = closer_tokens(self._llt)
-        pick = quote if self._closing == "string" else bracket
-        n = min(len(bits), len(pick))
-        narrowed = bits.copy()
-        narrowed[:n] &= pick[:n]
-        narrowed[n:] = False
-        if narrowed.any():
-            return narrowed
-        if self._closing == "bracket":  # the grammar wants more here (a required field, minItems)
+        quote, bracket, pure, _ = closer_tokens(self._llt)
+        narrowed = _narrow(bits, quote if self._closing == "string" else bracket, pure)
+        if narrowed is bits and self._closing == "bracket":  # the grammar wants more here (a required field)
             self._stop_closing()
-        return bits
+        return narrowed
 
 
 class TriggeredProcessor:
@@ -352,9 +415,10 @@ class TriggeredProcessor:
     text is accepted), and masks every later step.
     """
 
-    def __init__(self, constraint: TriggeredConstraint, prompt_len: int):
+    def __init__(self, constraint: TriggeredConstraint, prompt_len: int, max_tokens: int | None = None):
         self.constraint = constraint
         self.prompt_len = prompt_len
+        self.max_tokens = max_tokens
         self.inner: MaskProcessor | None = None
         self.generated: list[int] = []
 
@@ -366,6 +430,10 @@ class TriggeredProcessor:
     def loops_closed(self) -> int:
         return self.inner.loops_closed if self.inner is not None else 0
 
+    @property
+    def closed_early(self) -> str | None:
+        return self.inner.closed_early if self.inner is not None else None
+
     def __call__(self, tokens, logits):
         if self.inner is not None:
             return self.inner(tokens, logits)
@@ -376,8 +444,9 @@ class TriggeredProcessor:
             at = self.constraint.family.find_start(text)
             if at >= 0:
                 llt = self.constraint.llt
-                inner = MaskProcessor(self.constraint.new_matcher(), len(tokens), llt)
                 ids = llt.tokenize_str(text[at:], parse_special=True)
+                budget = None if self.max_tokens is None else len(ids) + self.max_tokens - n
+                inner = MaskProcessor(self.constraint.new_matcher(), len(tokens), llt, budget)
                 if not inner.matcher.consume_tokens(ids):
                     inner.error = inner.matcher.get_error() or "the call start was rejected by the grammar"
                 for t in ids:
@@ -385,6 +454,21 @@ class TriggeredProcessor:
                 self.inner = inner
                 return inner._mask(logits)
         return logits
+
+
+def _narrow(bits, pick, pure):
+    """``bits & pick``, preferring tokens made of closers only (``"}}`` closes; ``",``
+    opens the next item); ``bits`` itself if no allowed token is in ``pick``. ``pick``
+    and ``pure`` may be shorter than ``bits``: the rest is False."""
+    n = min(len(bits), len(pick))
+    narrowed = bits.copy()
+    narrowed[:n] &= pick[:n]
+    narrowed[n:] = False
+    if not narrowed.any():
+        return bits
+    only = narrowed.copy()
+    only[:n] &= pure[:n]
+    return only if only.any() else narrowed
 
 
 def _only(logits, ids: list[int]):

@@ -21,11 +21,12 @@ and a corrective user turn naming the error (``CORRECTION``). If every attempt
 fails, ``ToolCallFailed`` (HTTP 500, code ``tool_call_failed``) names the last
 error and lists each attempt's cause: the client never gets a half-parsed call.
 
-A repetition loop that the constraint cut short (``loops_closed``, see
-``squish.tools.constraints``) leaves a reply that parses and validates but
-holds a truncated, repetitive value. It counts as a ``repetition`` failure and
-is retried; if no later attempt is valid, the newest such reply is returned
-(result ``degraded``) rather than an error, since it satisfies the schema.
+A value the constraint closed early (``closed_early``: a repetition loop, or
+the token budget running out; see ``squish.tools.constraints``) leaves a reply
+that parses and validates but holds a truncated value. It counts as a
+``repetition`` / ``length`` failure and is retried; if no later attempt is
+valid, the newest such reply is returned (result ``degraded``) rather than an
+error, since it satisfies the schema.
 
 With ``parallel_tool_calls`` false, only the first valid call is returned.
 With parallel calls, a last call cut off by ``max_tokens`` after complete,
@@ -52,7 +53,10 @@ from squish.tools.spec import OutputFormat, ToolChoice, ToolSpec
 
 DEFAULT_MAX_ATTEMPTS = 3
 CALL_NOT_ALLOWED = "call_not_allowed"
-LOOP_CLOSED = ("repetition", "the reply got stuck repeating itself inside a value")
+CLOSED_EARLY = {
+    "repetition": ("repetition", "the reply got stuck repeating itself inside a value"),
+    "length": ("length", "the reply ran out of tokens inside a value (it was closed early)"),
+}
 CORRECTION = (
     "Your previous reply was invalid: {error}. Reply again, correctly: {expected}"
 )
@@ -189,8 +193,8 @@ async def complete(generate: Callable[[list], Awaitable], messages: list, task: 
         stats.add("attempt")
         gen = await generate(convo)
         outcome, err = judge(task, gen)
-        if err is None and getattr(gen, "loops_closed", 0):
-            fallback, err = outcome, LOOP_CLOSED
+        if err is None and getattr(gen, "closed_early", None):
+            fallback, err = outcome, CLOSED_EARLY[gen.closed_early]
         if err is None:
             outcome.attempts, outcome.causes = attempt, causes
             stats.add("rescued" if causes else "ok")

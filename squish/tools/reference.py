@@ -24,7 +24,7 @@ class Generation:
     tokens: int = 0
     seconds: float = 0.0  # decode time after the first token
     constraint_error: str | None = None
-    loops_closed: int = 0  # repetition loops the constraint cut short
+    closed_early: str | None = None  # the constraint closed a value early: "repetition" / "length"
 
 
 def load_reference(gguf: Path, workdir: Path):
@@ -65,7 +65,7 @@ def generate(model, tokenizer, prompt: list[int], *, max_tokens: int = 128, cons
 
         kv = make_prompt_cache(model)
     # stream_generate hands processors only the tokens it was given (not the reused prefix)
-    proc = constraint.processor(len(prompt) - reused) if constraint is not None else None
+    proc = constraint.processor(len(prompt) - reused, max_tokens) if constraint is not None else None
     for resp in stream_generate(
         model, tokenizer, mx.array(prompt[reused:]), max_tokens=max_tokens,
         sampler=make_sampler(temp=temperature), logits_processors=[proc] if proc else None,
@@ -93,4 +93,4 @@ def generate(model, tokenizer, prompt: list[int], *, max_tokens: int = 128, cons
         problem = "grammar"
     secs = time.perf_counter() - t_first if t_first is not None else 0.0
     return Generation(tokenizer.decode(ids), finish, problem, len(ids), secs, err,
-                      getattr(proc, "loops_closed", 0))
+                      getattr(proc, "closed_early", None))

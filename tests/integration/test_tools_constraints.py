@@ -209,6 +209,47 @@ def test_a_loop_over_array_items_ends_the_array(tok):
     assert proc.loops_closed == 1 and _first_chars(tok, ok) == {"]"}
 
 
+def adversarial_walk(constraint, tok, max_tokens, budget=True):
+    """A "model" that never closes anything it may leave open: it takes the first allowed token
+    that is not EOS and does not start with a closer, while one exists. Returns (text, proc, n)."""
+    proc = constraint.processor(0, max_tokens if budget else None)
+    eos = set(tok.eos_token_ids)
+    tokens: list[int] = []
+    while len(tokens) < max_tokens:
+        ok = [int(t) for t in allowed(proc, tokens, 49152)]
+        keep = [t for t in ok if t not in eos and tok.decode([t])[:1] not in '"]}']
+        t = (keep or ok)[0]
+        if t in eos:
+            return tok.decode(tokens), proc, len(tokens) + 1
+        tokens.append(t)
+    return tok.decode(tokens), proc, None
+
+
+@pytest.mark.parametrize("kind", ["json_schema", "tools"])
+def test_the_token_budget_finishes_a_reply_that_would_never_close(tok, kind):
+    from squish.tools import validate
+
+    schema = {"type": "object", "properties": {"to": {"type": "array", "items": {"type": "string"}},
+                                               "note": {"type": "string"}},
+              "required": ["to"], "additionalProperties": False}
+    if kind == "json_schema":
+        c = constraints.json_output(tok, spec.OutputFormat("json_schema", schema))
+    else:
+        tools = spec.parse_tools([{"type": "function", "function": {"name": "mail", "parameters": schema}}])
+        c = constraints.tool_calls(tok, FAM, tools, spec.ToolChoice("required"))
+    text, proc, n = adversarial_walk(c, tok, max_tokens=60)
+    assert n is not None and n <= 60, text  # ended with EOS inside the budget
+    assert proc.closed_early == "length" and proc.error is None
+    if kind == "json_schema":
+        assert validate.check_json_output(text, schema)[1] is None, text
+    else:
+        calls = FAM.parse(text).calls
+        assert calls and all(validate.check_call(k, {"mail": tools[0]}) is None for k in calls), text
+    # without a budget the same "model" is still going at 60 tokens
+    _, proc, n = adversarial_walk(c, tok, max_tokens=60, budget=False)
+    assert n is None and proc.closed_early != "length"
+
+
 def test_model_json_schema_output_validates(smol):
     model, tok = smol
     fmt = spec.OutputFormat("json_schema", {"type": "object", "additionalProperties": False,
@@ -239,7 +280,9 @@ def test_model_agent_loop_call_then_result_then_answer(smol):
         return generate
 
     t1 = loop.Task(FAM, TOOLS, spec.ToolChoice("function", "get_weather"), parallel=False)
-    out = asyncio.run(loop.complete(make_generate(t1, 32), messages, t1, stats=loop.ToolStats()))
+    # 48: the call is ~30 tokens; the constraint starts closing 14 tokens before max_tokens
+    out = asyncio.run(loop.complete(make_generate(t1, 48), messages, t1, stats=loop.ToolStats()))
+    assert out.attempts == 1 and json.loads(out.tool_calls[0]["function"]["arguments"])["city"] == "Paris"
     (call,) = out.tool_calls
     assert out.finish_reason == "tool_calls" and call["function"]["name"] == "get_weather"
     assert "city" in json.loads(call["function"]["arguments"])

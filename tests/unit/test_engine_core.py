@@ -220,7 +220,7 @@ class OnlyToken:
     def __init__(self, token, fail_after=None):
         self.token, self.fail_after, self.seen = token, fail_after, []
 
-    def processor(self, prompt_len):
+    def processor(self, prompt_len, max_tokens=None):
         outer = self
 
         class Proc:

@@ -133,7 +133,7 @@ def test_none_refuses_a_call_and_a_cut_last_parallel_call_is_dropped():
 
 
 def looped(text):
-    return Generation(text, "stop", loops_closed=1)
+    return Generation(text, "stop", closed_early="repetition")
 
 
 def test_a_closed_loop_is_retried_and_a_clean_retry_wins():
