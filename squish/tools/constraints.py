@@ -37,7 +37,8 @@ closing it needs (open strings and brackets, a key that may have just been
 started, and ``END_RESERVE`` for the call's end marker; 14 tokens for a
 SmolLM2 call with flat arguments): from then on each step keeps EOS if the
 grammar allows it, else the allowed closers as above (tokens made only of
-closers first), else the longest allowed token. ``closed_early`` says why a reply was closed
+closers first). ``closed_early`` is "length" only when that narrowing excluded
+the token the model preferred (argmax of the grammar-masked logits). ``closed_early`` says why a reply was closed
 early ("repetition" or "length"); the retry loop treats such a reply as a
 failed attempt it may still fall back on (``squish.tools.loop``).
 
@@ -80,7 +81,7 @@ PENDING_RESERVE = 4
 _lock = threading.Lock()  # guards the two caches below (handler threads build constraints)
 _tokenizers: dict[int, tuple[object, object]] = {}  # id(tokenizer) -> (tokenizer, LLTokenizer)
 _matchers: OrderedDict = OrderedDict()  # (id(LLTokenizer), grammar) -> compiled LLMatcher template
-_closers: dict[int, tuple] = {}  # id(LLTokenizer) -> (LLTokenizer, quote, bracket, byte lengths)
+_closers: dict[int, tuple] = {}  # id(LLTokenizer) -> (LLTokenizer, quote, bracket, pure)
 
 
 def ll_tokenizer(tokenizer):
@@ -100,8 +101,8 @@ def ll_tokenizer(tokenizer):
 
 
 def closer_tokens(llt):
-    """Per-token numpy arrays over the vocabulary: starts with ``"`` (bool), starts
-    with ``}``/``]`` (bool), made of ``"}]`` only (bool), byte length (int).
+    """Per-token boolean numpy arrays over the vocabulary: starts with ``"``, starts
+    with ``}``/``]``, made of ``"}]`` only.
 
     The JSON style has no whitespace between tokens (``JSON_STYLE``), so a
     closer is always the first byte of its token. Built once per tokenizer
@@ -116,10 +117,9 @@ def closer_tokens(llt):
     quote = np.array([b[:1] == b'"' for b in data], dtype=np.bool_)
     bracket = np.array([b[:1] in (b"}", b"]") for b in data], dtype=np.bool_)
     pure = np.array([len(b) > 0 and not b.strip(b'"}]') for b in data], dtype=np.bool_)
-    length = np.array([len(b) for b in data], dtype=np.int32)
     with _lock:
-        _closers[id(llt)] = (llt, quote, bracket, pure, length)
-    return quote, bracket, pure, length
+        _closers[id(llt)] = (llt, quote, bracket, pure)
+    return quote, bracket, pure
 
 
 class JsonScan:
@@ -287,7 +287,9 @@ class MaskProcessor:
         self.error: str | None = None
         self.loops_closed = 0
         self.budget = budget
-        self.budget_closed = False
+        self.budget_closed = False  # the budget changed the reply (see _feed)
+        self._budget_mode = False
+        self._check = None  # (argmax of the grammar-only logits, the narrowed mask) of the last step
         self._llt = llt
         self._eos = list(llt.eos_tokens)
         words = (llt.vocab_size + 31) // 32
@@ -309,6 +311,13 @@ class MaskProcessor:
 
     def _feed(self, tokens) -> None:
         n = len(tokens) - self.prompt_len
+        if n > self.consumed and self._check is not None:
+            # A finishing step narrowed the mask: did it change what the model preferred?
+            # (For greedy decoding this is exact; it only counts real cuts as "length".)
+            best, narrowed = self._check
+            self._check = None
+            if not narrowed[int(best.item())]:
+                self.budget_closed = True
         if n > self.consumed:
             for t in _tolist(tokens, self.prompt_len + self.consumed):
                 if self.error is None and not self.matcher.consume_token(t):
@@ -360,7 +369,11 @@ class MaskProcessor:
             bits = np.concatenate([bits, np.zeros(vocab - bits.shape[0], np.uint8)])
         bits = bits[:vocab].astype(np.bool_)
         if self._finishing():
-            bits = self._finish(bits)
+            narrowed = self._finish(bits)
+            if (narrowed != bits).any():
+                grammar_only = mx.where(mx.array(bits), logits, mx.array(float("-inf"), dtype=logits.dtype))
+                self._check = (mx.argmax(grammar_only.reshape(-1)), narrowed)
+            bits = narrowed
         elif self._closing is not None:
             bits = self._closers(bits)
         allowed = mx.array(bits)
@@ -372,13 +385,13 @@ class MaskProcessor:
         scan = self._strings
         needed = scan.depth + scan.inside + END_RESERVE + (PENDING_RESERVE if scan.depth else 0)
         if self.budget - len(self._output) <= needed:
-            self.budget_closed = True
-        return self.budget_closed
+            self._budget_mode = True
+        return self._budget_mode
 
     def _finish(self, bits):
         """The budget is nearly spent: EOS if the grammar allows it, else close what is
-        open, else (a required field, the end marker) the allowed token with the most
-        bytes, which gets through a fixed literal in the fewest steps."""
+        open; where nothing can close (a required key, a value's start, the end
+        marker), the grammar's own mask."""
         import numpy as np
 
         eos = [t for t in self._eos if t < len(bits) and bits[t]]
@@ -386,21 +399,12 @@ class MaskProcessor:
             out = np.zeros_like(bits)
             out[eos] = True
             return out
-        quote, bracket, pure, length = closer_tokens(self._llt)
-        narrowed = _narrow(bits, quote if self._strings.inside else bracket, pure)
-        if narrowed is not bits:
-            return narrowed
-        n = min(len(bits), len(length))
-        ok = np.flatnonzero(bits[:n])
-        if ok.size == 0:
-            return bits
-        out = np.zeros_like(bits)
-        out[ok[np.argmax(length[ok])]] = True
-        return out
+        quote, bracket, pure = closer_tokens(self._llt)
+        return _narrow(bits, quote if self._strings.inside else bracket, pure)
 
     def _closers(self, bits):
         """``bits`` narrowed to the allowed tokens that close the looping value, if any."""
-        quote, bracket, pure, _ = closer_tokens(self._llt)
+        quote, bracket, pure = closer_tokens(self._llt)
         narrowed = _narrow(bits, quote if self._closing == "string" else bracket, pure)
         if narrowed is bits and self._closing == "bracket":  # the grammar wants more here (a required field)
             self._stop_closing()

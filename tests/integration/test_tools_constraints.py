@@ -250,6 +250,24 @@ def test_the_token_budget_finishes_a_reply_that_would_never_close(tok, kind):
     assert n is None and proc.closed_early != "length"
 
 
+def test_a_reply_that_ends_naturally_inside_the_reserve_is_not_marked(tok):
+    import mlx.core as mx
+
+    schema = {"type": "object", "properties": {"to": {"type": "array", "items": {"type": "string"}}},
+              "required": ["to"], "additionalProperties": False}
+    c = constraints.json_output(tok, spec.OutputFormat("json_schema", schema))
+    natural = tok.encode('{"to": ["ana@x.org"]}') + [next(iter(tok.eos_token_ids))]
+    # finishing starts 14 tokens before the budget: here, once the address is written, so
+    # every later step is narrowed to closers, which is what this "model" wants anyway
+    proc = c.processor(0, len(natural) + 11)  # 12 tokens; finishing from the 10th (`"]`) on
+    for i, want in enumerate(natural):
+        logits = mx.where(mx.arange(49152) == want, 10.0, 0.0)[None]  # the "model" prefers the natural token
+        out = proc(mx.array(natural[:i]), logits)
+        assert np.isfinite(np.array(out[0, want])), tok.decode(natural[:i])
+    proc(mx.array(natural), mx.zeros((1, 49152)))  # a last call lets it check the last choice
+    assert proc._budget_mode and proc.closed_early is None
+
+
 def test_model_json_schema_output_validates(smol):
     model, tok = smol
     fmt = spec.OutputFormat("json_schema", {"type": "object", "additionalProperties": False,
