@@ -33,11 +33,12 @@ is left alone.
 Token budget: a value can also run on without repeating exactly (SmolLM2 wrote
 an ever longer array of near-identical e-mail addresses). A processor given
 ``max_tokens`` finishes the reply when the tokens left are no more than what
-closing it needs (open strings and brackets, a key that may have just been
-started, and ``END_RESERVE`` for the call's end marker; 14 tokens for a
-SmolLM2 call with flat arguments): from then on each step keeps EOS if the
-grammar allows it, else the allowed closers as above (tokens made only of
-closers first). ``closed_early`` is "length" only when that narrowing excluded
+closing it needs (one per open string and bracket, and ``END_RESERVE`` for the
+call's end marker; 10 tokens inside a string of a SmolLM2 call with flat
+arguments): from then on each step keeps EOS if the grammar allows it, else
+the allowed closers as above (tokens made only of closers first).
+``PENDING_RESERVE`` tokens earlier, no new item or key may start where the
+value could close instead. ``closed_early`` is "length" only when that narrowing excluded
 the token the model preferred (argmax of the grammar-masked logits). ``closed_early`` says why a reply was closed
 early ("repetition" or "length"); the retry loop treats such a reply as a
 failed attempt it may still fall back on (``squish.tools.loop``).
@@ -71,17 +72,16 @@ from squish.tools.spec import OutputFormat, ToolChoice, ToolSpec
 GRAMMAR_CACHE_SIZE = 64
 LOOP_SPAN = 24  # tokens of exact repetition (period <= 32, >= 4 repeats) before a value is closed
 # Tokens kept, beyond one per open string / bracket, for what follows the JSON: SmolLM2's
-# "\n</tool_call>" is 6 tokens as the grammar forces them, then EOS. PENDING_RESERVE more inside
-# an object or array, where the step before finishing may have started a new key and value
-# (", \"note\": \"" is 4 tokens). Measured with the adversarial walk in
-# tests/integration/test_tools_constraints.py.
+# "\n</tool_call>" is 6 tokens as the grammar forces them, then EOS. PENDING_RESERVE tokens
+# before that, no new item may start (a token starting with ","): ", \"note\": \"" is 4 tokens.
+# Measured with the adversarial walk in tests/integration/test_tools_constraints.py.
 END_RESERVE = 7
 PENDING_RESERVE = 4
 
 _lock = threading.Lock()  # guards the two caches below (handler threads build constraints)
 _tokenizers: dict[int, tuple[object, object]] = {}  # id(tokenizer) -> (tokenizer, LLTokenizer)
 _matchers: OrderedDict = OrderedDict()  # (id(LLTokenizer), grammar) -> compiled LLMatcher template
-_closers: dict[int, tuple] = {}  # id(LLTokenizer) -> (LLTokenizer, quote, bracket, pure)
+_closers: dict[int, tuple] = {}  # id(LLTokenizer) -> (LLTokenizer, quote, bracket, pure, comma)
 
 
 def ll_tokenizer(tokenizer):
@@ -102,7 +102,7 @@ def ll_tokenizer(tokenizer):
 
 def closer_tokens(llt):
     """Per-token boolean numpy arrays over the vocabulary: starts with ``"``, starts
-    with ``}``/``]``, made of ``"}]`` only.
+    with ``}``/``]``, made of ``"}]`` only, starts with ``,``.
 
     The JSON style has no whitespace between tokens (``JSON_STYLE``), so a
     closer is always the first byte of its token. Built once per tokenizer
@@ -117,9 +117,10 @@ def closer_tokens(llt):
     quote = np.array([b[:1] == b'"' for b in data], dtype=np.bool_)
     bracket = np.array([b[:1] in (b"}", b"]") for b in data], dtype=np.bool_)
     pure = np.array([len(b) > 0 and not b.strip(b'"}]') for b in data], dtype=np.bool_)
+    comma = np.array([b[:1] == b"," for b in data], dtype=np.bool_)
     with _lock:
-        _closers[id(llt)] = (llt, quote, bracket, pure)
-    return quote, bracket, pure
+        _closers[id(llt)] = (llt, quote, bracket, pure, comma)
+    return quote, bracket, pure, comma
 
 
 class JsonScan:
@@ -288,7 +289,7 @@ class MaskProcessor:
         self.loops_closed = 0
         self.budget = budget
         self.budget_closed = False  # the budget changed the reply (see _feed)
-        self._budget_mode = False
+        self._budget_mode = False  # the finishing level was reached (for tests)
         self._check = None  # (argmax of the grammar-only logits, the narrowed mask) of the last step
         self._llt = llt
         self._eos = list(llt.eos_tokens)
@@ -368,8 +369,9 @@ class MaskProcessor:
         if bits.shape[0] < vocab:
             bits = np.concatenate([bits, np.zeros(vocab - bits.shape[0], np.uint8)])
         bits = bits[:vocab].astype(np.bool_)
-        if self._finishing():
-            narrowed = self._finish(bits)
+        level = self._budget_level()
+        if level:
+            narrowed = self._finish(bits) if level == 2 else self._no_new_items(bits)
             if (narrowed != bits).any():
                 grammar_only = mx.where(mx.array(bits), logits, mx.array(float("-inf"), dtype=logits.dtype))
                 self._check = (mx.argmax(grammar_only.reshape(-1)), narrowed)
@@ -379,14 +381,27 @@ class MaskProcessor:
         allowed = mx.array(bits)
         return mx.where(allowed, logits, mx.array(float("-inf"), dtype=logits.dtype))
 
-    def _finishing(self) -> bool:
+    def _budget_level(self) -> int:
+        """0: no budget pressure; 1: no new items; 2: finish (see the module docstring)."""
         if self.budget is None:
-            return False
+            return 0
         scan = self._strings
-        needed = scan.depth + scan.inside + END_RESERVE + (PENDING_RESERVE if scan.depth else 0)
-        if self.budget - len(self._output) <= needed:
+        needed = scan.depth + scan.inside + END_RESERVE
+        left = self.budget - len(self._output)
+        if left <= needed:
             self._budget_mode = True
-        return self._budget_mode
+            return 2
+        return 1 if left <= needed + PENDING_RESERVE and not scan.inside and scan.depth else 0
+
+    def _no_new_items(self, bits):
+        """Where an object or array could close, it may not take a new item instead."""
+        quote, bracket, pure, comma = closer_tokens(self._llt)
+        n = min(len(bits), len(bracket))
+        if not (bits[:n] & bracket[:n]).any():
+            return bits
+        out = bits.copy()
+        out[:n] &= ~comma[:n]
+        return out
 
     def _finish(self, bits):
         """The budget is nearly spent: EOS if the grammar allows it, else close what is
@@ -399,12 +414,12 @@ class MaskProcessor:
             out = np.zeros_like(bits)
             out[eos] = True
             return out
-        quote, bracket, pure = closer_tokens(self._llt)
+        quote, bracket, pure, _ = closer_tokens(self._llt)
         return _narrow(bits, quote if self._strings.inside else bracket, pure)
 
     def _closers(self, bits):
         """``bits`` narrowed to the allowed tokens that close the looping value, if any."""
-        quote, bracket, pure = closer_tokens(self._llt)
+        quote, bracket, pure, _ = closer_tokens(self._llt)
         narrowed = _narrow(bits, quote if self._closing == "string" else bracket, pure)
         if narrowed is bits and self._closing == "bracket":  # the grammar wants more here (a required field)
             self._stop_closing()

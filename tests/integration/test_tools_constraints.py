@@ -257,9 +257,9 @@ def test_a_reply_that_ends_naturally_inside_the_reserve_is_not_marked(tok):
               "required": ["to"], "additionalProperties": False}
     c = constraints.json_output(tok, spec.OutputFormat("json_schema", schema))
     natural = tok.encode('{"to": ["ana@x.org"]}') + [next(iter(tok.eos_token_ids))]
-    # finishing starts 14 tokens before the budget: here, once the address is written, so
-    # every later step is narrowed to closers, which is what this "model" wants anyway
-    proc = c.processor(0, len(natural) + 11)  # 12 tokens; finishing from the 10th (`"]`) on
+    # inside the string, finishing starts 10 tokens before the budget: here, once the address is
+    # written, so every later step is narrowed to closers, which is what this "model" wants anyway
+    proc = c.processor(0, len(natural) + 7)  # 12 tokens; finishing from the 10th (`"]`) on
     for i, want in enumerate(natural):
         logits = mx.where(mx.arange(49152) == want, 10.0, 0.0)[None]  # the "model" prefers the natural token
         out = proc(mx.array(natural[:i]), logits)
@@ -298,7 +298,7 @@ def test_model_agent_loop_call_then_result_then_answer(smol):
         return generate
 
     t1 = loop.Task(FAM, TOOLS, spec.ToolChoice("function", "get_weather"), parallel=False)
-    # 48: the call is ~30 tokens; the constraint starts closing 14 tokens before max_tokens
+    # 48: the call is ~30 tokens; the constraint starts closing ~10 tokens before max_tokens
     out = asyncio.run(loop.complete(make_generate(t1, 48), messages, t1, stats=loop.ToolStats()))
     assert out.attempts == 1 and json.loads(out.tool_calls[0]["function"]["arguments"])["city"] == "Paris"
     (call,) = out.tool_calls
