@@ -4,19 +4,26 @@ For each of 30 tool-use prompts (tool_choice "required", 1-4 tools each:
 nested objects, enums, arrays, optional fields) and 20 json_schema prompts,
 greedy decoding with mlx_lm's stream_generate:
 
-- constrained: llguidance processor (squish.tools.constraints), one attempt;
+- constrained: the llguidance processor (squish.tools.constraints) inside the
+  corrective retry loop (squish.tools.loop, 3 attempts), exactly what the
+  server returns. Reported: valid on the first attempt, valid in the end,
+  and "degraded" (valid only with a repetition loop the constraint cut short);
 - unconstrained: plain mlx_lm (the baseline), one attempt;
-- rescued: unconstrained failures re-run through the corrective retry loop
-  (squish.tools.loop, 3 attempts, still unconstrained).
+- rescued: unconstrained failures re-run through the retry loop (still
+  unconstrained).
 
 Validity = parses and validates with jsonschema (calls: known function,
 arguments valid). Decode cost of constraining = median seconds per decoded
 token, constrained vs unconstrained, plus the processor's own time per token.
+All generations share one prefix KV cache (as the server's), so each prompt is
+prefilled once and retries only prefill their new turns.
 
 Usage:
   .venv/bin/python benchmarks/tool_calling.py                      # float32 reference from the cached GGUF
   .venv/bin/python benchmarks/tool_calling.py --model ~/.squish/models/<artifact>
   .venv/bin/python benchmarks/tool_calling.py --limit 5            # a quick subset
+  .venv/bin/python benchmarks/tool_calling.py --model <artifact> --suite tools   # and --suite json_schema
+                                                                   # in a second process
 """
 
 from __future__ import annotations
@@ -179,29 +186,40 @@ class Timed:
     def error(self):
         return self.proc.error
 
+    @property
+    def closed_early(self):
+        return self.proc.closed_early
+
 
 class TimedConstraint:
     def __init__(self, c, sink):
         self.c, self.sink = c, sink
 
-    def processor(self, n):
-        return Timed(self.c.processor(n), self.sink)
+    def processor(self, n, max_tokens=None):
+        return Timed(self.c.processor(n, max_tokens), self.sink)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a Squish artifact folder (default: float32 reference of the cached GGUF)")
     ap.add_argument("--limit", type=int, default=0, help="only the first N prompts of each suite")
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--only", default="", help="only these prompt indices of each suite, e.g. 4,5,7")
+    ap.add_argument("--suite", choices=("all", "tools", "json_schema"), default="all",
+                    help="run one suite only (two processes, one per suite, finish sooner on 2 cores)")
+    ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--attempts", type=int, default=3)
     args = ap.parse_args()
 
+    from squish.runtime.prompt_cache import PrefixCache
     from squish.tools import constraints, loop, reference, registry, render, spec, validate
 
     model, tok, model_desc = load(args)
     fam = registry.for_tokenizer(tok)
-    tool_cases = TOOL_CASES[: args.limit or None]
-    json_cases = JSON_CASES[: args.limit or None]
+    only = {int(x) for x in args.only.split(",") if x.strip()}
+    tool_cases = [(i, c) for i, c in enumerate(TOOL_CASES[: args.limit or None]) if not only or i in only]
+    json_cases = [(i, c) for i, c in enumerate(JSON_CASES[: args.limit or None]) if not only or i in only]
+    tool_cases = tool_cases if args.suite in ("all", "tools") else []
+    json_cases = json_cases if args.suite in ("all", "json_schema") else []
     # warm-up (compiles kernels, builds the llguidance tokenizer)
     reference.generate(model, tok, tok.encode("Hello"), max_tokens=4)
     constraints.ll_tokenizer(tok)
@@ -210,51 +228,49 @@ def main() -> None:
     per_tok = {"constrained": [], "unconstrained": []}
     rows = []
 
+    prefix = PrefixCache(256 << 20)
+
     def run(ids, c):
-        g = reference.generate(model, tok, ids, max_tokens=args.max_tokens,
+        g = reference.generate(model, tok, ids, max_tokens=args.max_tokens, prefix=prefix,
                                constraint=TimedConstraint(c, proc_times) if c else None)
         if g.tokens > 1:
             per_tok["constrained" if c else "unconstrained"].append(g.seconds / (g.tokens - 1))
         return g
 
-    for i, (prompt, raw_tools) in enumerate(tool_cases):
+    def encoder(task, plain):
+        if plain:
+            return lambda convo: tok.apply_chat_template(convo, add_generation_prompt=True)
+        return lambda convo: render.encode_chat(tok, convo, task.tools, task.choice, fam)
+
+    def one_case(res, task, msgs, c, plain):
+        encode = encoder(task, plain)
+        res["constrained"] = asyncio.run(_served(loop, task, msgs, lambda convo: run(encode(convo), c), args))
+        g = run(encode(msgs), None)
+        out, err = loop.judge(task, g)
+        res["unconstrained"] = {"valid": err is None, "error": err, "text": g.text,
+                                "tokens": g.tokens}
+        if not res["unconstrained"]["valid"]:
+            res["rescue"] = asyncio.run(_served(loop, task, msgs, lambda convo: run(encode(convo), None), args))
+        rows.append(res)
+        cr = res["constrained"]
+        print(f"{res['suite']} {res['i']:2d} c1={cr['first_valid']} c={cr['valid']}{' (degraded)' * cr['degraded']} "
+              f"u={res['unconstrained']['valid']} r={res.get('rescue', {}).get('valid')}", file=sys.stderr, flush=True)
+
+    for i, (prompt, raw_tools) in tool_cases:
         tools = spec.parse_tools(raw_tools)
         choice = spec.ToolChoice("required")
         task = loop.Task(fam, tools, choice, parallel=True)
-        msgs = [{"role": "user", "content": prompt}]
-        ids = render.encode_chat(tok, msgs, tools, choice, fam)
         c = constraints.tool_calls(tok, fam, tools, choice, parallel=True)
         res = {"suite": "tools", "i": i, "prompt": prompt, "tools": [t.name for t in tools]}
-        for mode, cons in (("constrained", c), ("unconstrained", None)):
-            g = run(ids, cons)
-            out, err = loop.judge(task, g)
-            res[mode] = {"valid": err is None, "error": err, "text": g.text, "tokens": g.tokens}
-        if not res["unconstrained"]["valid"]:
-            res["rescue"] = asyncio.run(_rescue(loop, task, msgs, tok, fam, model, reference, render, args))
-        rows.append(res)
-        print(f"tools {i:2d} c={res['constrained']['valid']} u={res['unconstrained']['valid']} "
-              f"r={res.get('rescue', {}).get('valid')}", file=sys.stderr, flush=True)
+        one_case(res, task, [{"role": "user", "content": prompt}], c, plain=False)
 
-    for i, (prompt, schema) in enumerate(json_cases):
+    for i, (prompt, schema) in json_cases:
         fmt = spec.OutputFormat("json_schema", schema)
         task = loop.Task(fam, fmt=fmt)
         text = f"{prompt} Reply with a JSON object that matches this JSON Schema: {json.dumps(schema)}"
-        msgs = [{"role": "user", "content": text}]
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True)
         c = constraints.json_output(tok, fmt)
         res = {"suite": "json_schema", "i": i, "prompt": prompt, "exact_grammar": c.exact}
-        for mode, cons in (("constrained", c), ("unconstrained", None)):
-            g = run(ids, cons)
-            value, err = validate.check_json_output(g.text, schema)
-            if err is None and g.finish_reason == "length":
-                err = ("length", "truncated")
-            res[mode] = {"valid": err is None, "error": err, "text": g.text, "tokens": g.tokens}
-        if not res["unconstrained"]["valid"]:
-            res["rescue"] = asyncio.run(_rescue(loop, task, msgs, tok, fam, model, reference, render, args,
-                                                plain=True))
-        rows.append(res)
-        print(f"json {i:2d} c={res['constrained']['valid']} u={res['unconstrained']['valid']} "
-              f"r={res.get('rescue', {}).get('valid')}", file=sys.stderr, flush=True)
+        one_case(res, task, [{"role": "user", "content": text}], c, plain=True)
 
     def rate(suite, mode):
         rs = [r for r in rows if r["suite"] == suite]
@@ -263,10 +279,14 @@ def main() -> None:
     summary = {}
     for suite in ("tools", "json_schema"):
         rs = [r for r in rows if r["suite"] == suite]
+        if not rs:
+            continue
         c_ok, n = rate(suite, "constrained")
         u_ok, _ = rate(suite, "unconstrained")
         rescued = sum(1 for r in rs if r.get("rescue", {}).get("valid"))
-        summary[suite] = {"n": n, "constrained_valid": c_ok, "unconstrained_valid": u_ok,
+        summary[suite] = {"n": n, "constrained_first_attempt_valid": sum(r["constrained"]["first_valid"] for r in rs),
+                          "constrained_valid": c_ok, "constrained_degraded": sum(r["constrained"]["degraded"] for r in rs),
+                          "unconstrained_valid": u_ok,
                           "unconstrained_failed": n - u_ok, "rescued_by_retry_loop": rescued,
                           "unconstrained_plus_retries_valid": u_ok + rescued}
     tc, tu = statistics.median(per_tok["constrained"]), statistics.median(per_tok["unconstrained"])
@@ -277,10 +297,14 @@ def main() -> None:
     results = {"summary": summary, "speed": speed, "rows": rows}
     lines = [f"# Tool calling / JSON schema on {model_desc}", "",
              f"family: {fam.name}; greedy; max_tokens {args.max_tokens}; retry loop {args.attempts} attempts", "",
-             "| suite | n | valid constrained | valid unconstrained | rescued by retries | unconstrained + retries |",
-             "|---|---|---|---|---|---|"]
+             "Constrained = what the server returns: constraint + retry loop; 1st = valid on the first attempt; "
+             "degraded = valid only because the constraint closed a value early (a loop, or the token budget).", "",
+             "| suite | n | constrained 1st | constrained (degraded) | unconstrained | rescued by retries "
+             "| unconstrained + retries |",
+             "|---|---|---|---|---|---|---|"]
     for suite, s in summary.items():
-        lines.append(f"| {suite} | {s['n']} | {s['constrained_valid']} | {s['unconstrained_valid']} | "
+        lines.append(f"| {suite} | {s['n']} | {s['constrained_first_attempt_valid']} | {s['constrained_valid']} "
+                     f"({s['constrained_degraded']}) | {s['unconstrained_valid']} | "
                      f"{s['rescued_by_retry_loop']} | {s['unconstrained_plus_retries_valid']} |")
     pp = speed["processor_s_per_token"]
     lines += ["", f"decode: {speed['tok_per_s_constrained']:.2f} tok/s constrained vs "
@@ -290,23 +314,32 @@ def main() -> None:
               f"p99 {pp['p99'] * 1e3:.3f} ms", ""]
     report = "\n".join(lines)
     out = write_results("tool_calling", {"model": model_desc, "max_tokens": args.max_tokens,
-                                         "attempts": args.attempts, "limit": args.limit}, results, report)
+                                         "attempts": args.attempts, "limit": args.limit, "only": sorted(only),
+                                         "suite": args.suite},
+                        results, report)
     print(report)
     print(out)
 
 
-async def _rescue(loop, task, msgs, tok, fam, model, reference, render, args, plain=False):
-    """The retry loop, unconstrained: does a corrective message rescue the failure?"""
+async def _served(loop, task, msgs, generate_one, args):
+    """The retry loop around ``generate_one(convo)``: what the server would return."""
+    gens = []
+
     async def generate(convo):
-        ids = (tok.apply_chat_template(convo, add_generation_prompt=True) if plain
-               else render.encode_chat(tok, convo, task.tools, task.choice, fam))
-        return reference.generate(model, tok, ids, max_tokens=args.max_tokens)
+        gens.append(generate_one(convo))
+        return gens[-1]
 
     try:
         out = await loop.complete(generate, msgs, task, max_attempts=args.attempts, stats=loop.ToolStats())
-        return {"valid": True, "attempts": out.attempts, "causes": out.causes}
+        res = {"valid": True, "attempts": out.attempts, "causes": out.causes,
+               "degraded": len(out.causes) == out.attempts}  # every attempt failed: the fallback reply
     except Exception as exc:  # ToolCallFailed
-        return {"valid": False, "error": str(exc), "causes": getattr(exc, "attempts", [])}
+        res = {"valid": False, "error": str(exc), "causes": getattr(exc, "attempts", []), "degraded": False}
+    first = gens[0]
+    ok, err = loop.judge(task, first)
+    res.update(first_valid=err is None and not first.closed_early, first_error=err, first_text=first.text,
+               texts=[g.text for g in gens], closed_early=[g.closed_early for g in gens])
+    return res
 
 
 if __name__ == "__main__":
