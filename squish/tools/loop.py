@@ -26,7 +26,11 @@ the token budget running out; see ``squish.tools.constraints``) leaves a reply
 that parses and validates but holds a truncated value. It counts as a
 ``repetition`` / ``length`` failure and is retried; if no later attempt is
 valid, the newest such reply is returned (result ``degraded``) rather than an
-error, since it satisfies the schema.
+error, since it satisfies the schema. A budget close ("length") in a reply
+with several calls can only be in the last one (finishing allows EOS as soon
+as a call ends), so that call is dropped and the complete ones are returned as
+a normal reply, as for a last call cut by ``max_tokens``. (A repetition loop
+may be in any call, so that rule is for budget closes only.)
 
 With ``parallel_tool_calls`` false, only the first valid call is returned.
 With parallel calls, a last call cut off by ``max_tokens`` after complete,
@@ -162,6 +166,19 @@ def judge(task: Task, gen) -> tuple[Outcome | None, tuple[str, str] | None]:
     return Outcome(parsed.content or None, to_openai(calls), "tool_calls"), None
 
 
+def _drop_closed_call(task: Task, gen, outcome: Outcome) -> bool:
+    """If the reply held several calls, drop the last (the one closed early) from
+    ``outcome`` and return True: the others are complete and untouched."""
+    if gen.closed_early != "length" or task.fmt is not None or not outcome.tool_calls:
+        return False
+    raw = len(task.family.parse(gen.text).calls)
+    if raw < 2:
+        return False
+    if len(outcome.tool_calls) == raw:  # parallel calls on: all were kept, the last was the cut one
+        outcome.tool_calls = outcome.tool_calls[:-1]
+    return True
+
+
 def called(family: TaggedFamily, text: str) -> bool:
     """Whether ``text`` holds a call attempt: a family marker, or a parseable call."""
     if family.end and family.start in text:
@@ -193,7 +210,7 @@ async def complete(generate: Callable[[list], Awaitable], messages: list, task: 
         stats.add("attempt")
         gen = await generate(convo)
         outcome, err = judge(task, gen)
-        if err is None and getattr(gen, "closed_early", None):
+        if err is None and getattr(gen, "closed_early", None) and not _drop_closed_call(task, gen, outcome):
             fallback, err = outcome, CLOSED_EARLY[gen.closed_early]
         if err is None:
             outcome.attempts, outcome.causes = attempt, causes

@@ -160,3 +160,16 @@ def test_a_closed_loop_that_is_invalid_still_fails():
     out, _, stats = run(task(), looped("<tool_call>{\"name\": \"add\""), "nope", "nope")
     assert isinstance(out, ToolCallFailed)
     assert ("degraded", "") not in stats.snapshot()
+
+
+def test_a_close_in_the_last_of_several_calls_drops_that_call_only():
+    two = call("add", {"a": 2, "b": 3}) + "\n" + call("add", {"a": 2, "b": 4444})
+    out, seen, stats = run(task(), Generation(two, "stop", closed_early="length"))
+    assert out.attempts == 1 and out.causes == [] and len(seen) == 1
+    assert [json.loads(c["function"]["arguments"]) for c in out.tool_calls] == [{"a": 2, "b": 3}]
+    assert stats.snapshot()[("ok", "")] == 1
+    out, _, _ = run(task(parallel=False), Generation(two, "stop", closed_early="length"))
+    assert out.attempts == 1 and len(out.tool_calls) == 1
+    looped_two = Generation(two, "stop", closed_early="repetition")  # a loop may be in any call
+    out, seen, _ = run(task(), looped_two, looped_two, looped_two)
+    assert len(seen) == 3 and out.causes == ["repetition"] * 3 and len(out.tool_calls) == 2
