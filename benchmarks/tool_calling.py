@@ -337,7 +337,10 @@ async def _served(loop, task, msgs, generate_one, args):
         res = {"valid": False, "error": str(exc), "causes": getattr(exc, "attempts", []), "degraded": False}
     first = gens[0]
     ok, err = loop.judge(task, first)
-    res.update(first_valid=err is None and not first.closed_early, first_error=err, first_text=first.text,
+    # first attempt = what the server would have returned after one generation (a budget close
+    # in the last of several calls only drops that call); clean_first = no early close at all
+    res.update(first_valid=res["valid"] and res.get("attempts") == 1,
+               clean_first=err is None and not first.closed_early, first_error=err, first_text=first.text,
                texts=[g.text for g in gens], closed_early=[g.closed_early for g in gens])
     return res
 
