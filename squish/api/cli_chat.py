@@ -62,9 +62,9 @@ def run(args) -> int:
         return 1
     logging.getLogger().setLevel(logging.ERROR if args.quiet else logging.WARNING)
     logging.getLogger("squish.engine").setLevel(logging.CRITICAL)  # its errors are printed below
-    from squish.api.cli_serve import _resolve
+    from squish.api.cli_serve import resolve_or_build
 
-    path = _resolve(args, dry_run=False)  # InputError -> exit 1 via squish.cli
+    path = resolve_or_build(args, dry_run=False)  # InputError -> exit 1 via squish.cli
 
     from squish.runtime.engine import Engine
     from squish.runtime.loader import load_artifact

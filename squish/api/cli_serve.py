@@ -72,7 +72,9 @@ def _settings(args):
         max_batch=args.max_batch, max_queue=args.max_queue, prefix_cache_mb=args.prefix_cache_mb)
 
 
-def _resolve(args, dry_run: bool):
+def resolve_or_build(args, dry_run: bool):
+    """The model path for `serve` / `chat`: ``args.model``, else the best local artifact, else
+    the default model, built now (None on a dry run with nothing built)."""
     from squish.errors import InputError
     from squish.models import default_model_path, resolve_model
 
@@ -127,7 +129,7 @@ def run(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    path = _resolve(args, args.dry_run)  # InputError -> exit 1 via squish.cli
+    path = resolve_or_build(args, args.dry_run)  # InputError -> exit 1 via squish.cli
 
     from squish.api.app import create_app
     from squish.api.metrics import Metrics

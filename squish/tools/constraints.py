@@ -446,10 +446,6 @@ class TriggeredProcessor:
         return self.inner.error if self.inner is not None else None
 
     @property
-    def loops_closed(self) -> int:
-        return self.inner.loops_closed if self.inner is not None else 0
-
-    @property
     def closed_early(self) -> str | None:
         return self.inner.closed_early if self.inner is not None else None
 
