@@ -31,10 +31,11 @@ def auto_max_bytes(weight_bytes: int, total_ram: int) -> int:
     ``AUTO_MIN_BYTES``, at most ``AUTO_RAM_FRACTION`` of physical memory.
 
     KV bytes per token grow with the model (layers x KV heads x head size), so
-    a weights-sized cache holds a similar number of tokens for any model: ~2k on
-    SmolLM2-135M (float32 KV on the CPU backend, 46 KB/token), ~36k on
-    qwen2.5-1.5B INT4. A fixed bound is either wasteful for a small model or
-    holds not even one long prompt of an 8B model (4k tokens = 512 MB)."""
+    the number of tokens a weights-sized cache holds varies far less than a
+    fixed bound's. Computed, not measured: SmolLM2-135M's INT4 weights are
+    93.8 MiB and its float32 KV (CPU backend) 46 KB/token, ~2k tokens; a
+    Llama-3-8B-shaped model's bf16 KV is 128 KB/token, so a 4k-token prompt is
+    512 MB, more than the old fixed 256 MiB."""
     return int(max(AUTO_MIN_BYTES, min(weight_bytes, AUTO_RAM_FRACTION * total_ram)))
 
 
