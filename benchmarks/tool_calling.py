@@ -332,7 +332,7 @@ async def _served(loop, task, msgs, generate_one, args):
     try:
         out = await loop.complete(generate, msgs, task, max_attempts=args.attempts, stats=loop.ToolStats())
         res = {"valid": True, "attempts": out.attempts, "causes": out.causes,
-               "degraded": len(out.causes) == out.attempts}  # every attempt failed: the fallback reply
+               "degraded": out.degraded}
     except Exception as exc:  # ToolCallFailed
         res = {"valid": False, "error": str(exc), "causes": getattr(exc, "attempts", []), "degraded": False}
     first = gens[0]

@@ -122,6 +122,8 @@ async def _chat_tools(request: Request, e: eng.Engine, body: ChatRequest, messag
         account(str(exc.status), None)
         raise
     account("200", run.usage.finish(reply["choices"][0]["finish_reason"]))
+    if run.degraded:  # valid, but a value was cut short in every attempt (docs/tools.md)
+        return JSONResponse(reply, headers={"X-Squish-Degraded": run.degraded})
     return reply
 
 

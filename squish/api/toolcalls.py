@@ -122,6 +122,7 @@ class Run:
         self.attempt = 0
         self.usage = Usage()
         self.stats = self.state.metrics.tool_stats
+        self.degraded: str | None = None  # cause, when a non-streamed reply is a degraded fallback
 
     async def render(self, convo: list) -> list[int]:
         t = self.task
@@ -241,6 +242,8 @@ async def complete(run: Run, messages: list, shapes: ChatShapes) -> dict:
         log.warning("%s: no valid %s after %d attempt(s): %s", run.rid,
                     "JSON output" if run.task.fmt else "tool call", run.attempt, ",".join(exc.attempts))
         raise failed_error(exc) from None
+    if out.degraded:
+        run.degraded = out.causes[-1]
     return shapes.message(out.content, out.tool_calls, out.finish_reason, run.usage.finish(out.finish_reason))
 
 

@@ -96,6 +96,11 @@ class Outcome:
     attempts: int = 1
     causes: list[str] = field(default_factory=list)  # cause of each failed attempt
 
+    @property
+    def degraded(self) -> bool:
+        """Every attempt failed; this is the newest reply the constraint closed early."""
+        return len(self.causes) == self.attempts
+
 
 @dataclass
 class Task:

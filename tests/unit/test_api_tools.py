@@ -123,6 +123,7 @@ def test_json_schema_reply_validates(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
     r = chat(client, response_format=fmt)
     assert r.status_code == 200, r.text
+    assert "x-squish-degraded" not in r.headers
     jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), schema)
     chunks, done = sse_chunks(client, response_format=fmt)
     assert done
@@ -199,6 +200,7 @@ def test_a_loop_the_constraint_closes_is_retried_then_returned_degraded(client):
     retries = metric(client, 'squish_tool_retries_total{cause="repetition"}')
     r = chat(client, response_format=fmt, logit_bias={str(a_id): 100})
     assert r.status_code == 200, r.text
+    assert r.headers["x-squish-degraded"] == "repetition"  # the client can tell
     value = json.loads(r.json()["choices"][0]["message"]["content"])
     assert set(value["s"]) == {"a"} and len(value["s"]) < 100  # closed long before max_tokens
     assert metric(client, 'squish_tool_requests_total{result="degraded"}') == before + 1
