@@ -39,7 +39,9 @@ class PromptError(ValueError):
 
 _PH_OPEN, _PH_CLOSE = "\ue000", "\ue001"
 _lock = threading.Lock()
-_plain_cache: dict[int, tuple[Any, Any, tuple[str, ...], Any]] = {}
+# id(tokenizer) -> [tokenizer, special strings, splitter regex, plain encoder or None (not built)]
+_cache: dict[int, list] = {}
+_NO_RUST = object()  # the tokenizer has no Rust backend to copy
 
 
 def _hf(tokenizer):
@@ -48,33 +50,52 @@ def _hf(tokenizer):
 
 def special_strings(tokenizer) -> tuple[str, ...]:
     """The strings that tokenize to special (control) tokens, longest first."""
-    return _plain(tokenizer)[1]
+    return _entry(tokenizer)[1]
 
 
-def _plain(tokenizer):
-    """(plain encoder, special strings, splitter regex) for ``tokenizer`` (cached)."""
+def _entry(tokenizer) -> list:
+    """This tokenizer's cache entry; the special strings and splitter are computed at
+    once (cheap, every chat request needs them), the plain encoder only by ``_plain``."""
     key = id(tokenizer)
     with _lock:
-        hit = _plain_cache.get(key)
+        hit = _cache.get(key)
         if hit is not None and hit[0] is tokenizer:
-            return hit[1:]
-    from tokenizers import Tokenizer
-
+            return hit
     hf = _hf(tokenizer)
     special = set(getattr(hf, "all_special_tokens", ()) or ())
     for t in (getattr(hf, "added_tokens_decoder", {}) or {}).values():
         if getattr(t, "special", False):
             special.add(t.content)
     strings = tuple(sorted((s for s in special if s), key=len, reverse=True))
-    rust = getattr(hf, "backend_tokenizer", None) or getattr(hf, "_tokenizer", None)
-    plain = None
-    if rust is not None and hasattr(rust, "to_str"):
-        plain = Tokenizer.from_str(rust.to_str())
-        plain.encode_special_tokens = True  # a private copy: never mutated after this
     splitter = re.compile("|".join(re.escape(s) for s in strings)) if strings else None
+    entry = [tokenizer, strings, splitter, None]
     with _lock:
-        _plain_cache[key] = (tokenizer, plain, strings, splitter)
-    return plain, strings, splitter
+        hit = _cache.get(key)
+        if hit is not None and hit[0] is tokenizer:
+            return hit  # another thread built it meanwhile
+        _cache[key] = entry
+    return entry
+
+
+def _plain(tokenizer):
+    """(plain encoder, splitter) for ``tokenizer``. The encoder is a private copy of the
+    Rust tokenizer with ``encode_special_tokens`` on, never mutated after this. It costs
+    ~90 ms to build (SmolLM2) and only requests whose strings contain special-token
+    text need it, so it is built on first use, not at load."""
+    entry = _entry(tokenizer)
+    if entry[3] is None:
+        from tokenizers import Tokenizer
+
+        hf = _hf(tokenizer)
+        rust = getattr(hf, "backend_tokenizer", None) or getattr(hf, "_tokenizer", None)
+        plain = _NO_RUST
+        if rust is not None and hasattr(rust, "to_str"):
+            plain = Tokenizer.from_str(rust.to_str())
+            plain.encode_special_tokens = True
+        with _lock:
+            if entry[3] is None:
+                entry[3] = plain
+    return (None if entry[3] is _NO_RUST else entry[3]), entry[2]
 
 
 def _neutralize(obj, strings, nonce: str, found: list[bool]):
@@ -107,7 +128,7 @@ def _render(tokenizer, messages, kwargs, tokenize: bool):
 def encode_rendered(tokenizer, text: str, literal: dict[str, str] | None = None) -> list[int]:
     """Token ids of template output ``text``: special tokens only where ``text`` spells
     them; each key of ``literal`` (a placeholder) is encoded as its value, as plain text."""
-    plain, _, splitter = _plain(tokenizer)
+    plain, splitter = _plain(tokenizer)
     if plain is None:
         raise PromptError("this tokenizer has no fast (Rust) backend, so client text with special-token "
                           "strings cannot be encoded safely")
@@ -136,7 +157,7 @@ def apply_template(tokenizer, messages: list, **kwargs) -> list[int]:
     are client data too and are neutralized the same way."""
     if not getattr(tokenizer, "chat_template", None):
         raise PromptError("this model has no chat template; use /v1/completions with a plain prompt")
-    _, strings, _ = _plain(tokenizer)
+    strings = special_strings(tokenizer)
     nonce = secrets.token_hex(4)
     found = [False]
     safe_msgs = _neutralize(messages, strings, nonce, found)
