@@ -60,7 +60,7 @@ PROFILES = {
                      inproc_runs=0, cold_runs=1, prefix_runs=1, concurrency=(1, 4), concurrency_reps=1),
     "standard": Profile("standard", pairs=12, long_pairs=12, warmups=5, warmup_tokens=8, warmup_long=True,
                         max_tokens=48, long_tokens_gpu=1024, long_tokens_cpu=256, import_runs=10, load_runs=5,
-                        inproc_runs=6, cold_runs=4, prefix_runs=6, concurrency=(1, 2, 4, 8), concurrency_reps=2),
+                        inproc_runs=6, cold_runs=8, prefix_runs=6, concurrency=(1, 2, 4, 8), concurrency_reps=2),
     "full": Profile("full", pairs=30, long_pairs=30, warmups=8, warmup_tokens=16, warmup_long=True,
                     max_tokens=128, long_tokens_gpu=1024, long_tokens_cpu=512, import_runs=20, load_runs=10,
                     inproc_runs=12, cold_runs=8, prefix_runs=12, concurrency=(1, 2, 4, 8), concurrency_reps=3),
