@@ -46,6 +46,10 @@ class Profile:
     prefix_runs: int
     concurrency: tuple[int, ...]
     concurrency_reps: int
+    # The level a contract checks (portable.concurrency4) gets at least this many reps:
+    # fewer than 6 pairs can never reach p < 0.05, so the contract could never fail.
+    contract_level: int = 4
+    contract_level_reps: int = 6
     server_timeout_s: float = 300.0
 
     def long_tokens(self, backend: str) -> int:
@@ -57,7 +61,8 @@ class Profile:
 PROFILES = {
     "quick": Profile("quick", pairs=6, long_pairs=2, warmups=5, warmup_tokens=1, warmup_long=False,
                      max_tokens=8, long_tokens_gpu=1024, long_tokens_cpu=64, import_runs=3, load_runs=2,
-                     inproc_runs=0, cold_runs=1, prefix_runs=1, concurrency=(1, 4), concurrency_reps=1),
+                     inproc_runs=0, cold_runs=1, prefix_runs=1, concurrency=(1, 4), concurrency_reps=1,
+                     contract_level_reps=1),
     "standard": Profile("standard", pairs=12, long_pairs=12, warmups=5, warmup_tokens=8, warmup_long=True,
                         max_tokens=48, long_tokens_gpu=1024, long_tokens_cpu=256, import_runs=10, load_runs=5,
                         inproc_runs=6, cold_runs=8, prefix_runs=6, concurrency=(1, 2, 4, 8), concurrency_reps=2),
@@ -255,7 +260,10 @@ class ModelRun:
         res: dict = {}
         for level in self.p.concurrency:
             res[str(level)] = {s: [] for s in running}
-            for rep in range(self.p.concurrency_reps):
+            reps = self.p.concurrency_reps
+            if level == self.p.contract_level:
+                reps = max(reps, self.p.contract_level_reps)
+            for rep in range(reps):
                 for s in order(rep, list(running)):
                     srv = running[s]
                     bodies = [chat_body(srv.model_field, prompts.tagged(self.tag(), prompts.SHORT),
