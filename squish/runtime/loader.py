@@ -156,9 +156,6 @@ def load_artifact(path: Path, *, verify_hashes: bool = False) -> LoadedModel:
     check_finite(model, path)
     mx.eval(model.parameters())
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-    from squish.runtime.prompts import special_strings
-
-    special_strings(tokenizer)  # computed once here, not on the first request
     quant = (manifest or {}).get("quantization", {})
     experimental = bool(quant.get("experimental", False))
     if experimental:

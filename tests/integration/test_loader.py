@@ -32,17 +32,6 @@ def test_loads_and_generates_finite_logits(artifact):
     assert bool(mx.all(mx.isfinite(logits)))
 
 
-def test_prompt_encoder_is_ready_after_load(artifact):
-    """The first request finds the special strings computed; the costly plain encoder
-    (needed only for client text that spells special tokens) is not built at load."""
-    from squish.runtime import prompts
-
-    loaded = load_artifact(artifact)
-    hit = prompts._cache.get(id(loaded.tokenizer))
-    assert hit is not None and hit[0] is loaded.tokenizer
-    assert hit[3] is None
-
-
 def test_no_transform_at_load(artifact):
     """Every parameter the model holds is bit-identical, same dtype and shape, to the file."""
     import mlx.core as mx

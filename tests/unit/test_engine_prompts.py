@@ -37,6 +37,17 @@ def test_ordinary_messages_tokenize_exactly_as_the_template_does(tok):
     assert prompts.encode_rendered(tok, text) == expected  # the path used when a string is neutralized
 
 
+def test_plain_encoder_is_built_only_for_text_that_spells_special_tokens(tmp_path):
+    """Building the private tokenizer copy costs ~90 ms (SmolLM2); ordinary chats never pay it."""
+    from mlx_lm.tokenizer_utils import load
+
+    fresh = load(make_tiny_artifact(tmp_path / "tiny-4bit"))  # its own cache entry
+    prompts.encode_chat(fresh, [{"role": "user", "content": "hello there"}])
+    assert prompts._cache[id(fresh)][3] is None
+    prompts.encode_chat(fresh, [{"role": "user", "content": EVIL}])
+    assert prompts._cache[id(fresh)][3] is not None
+
+
 def test_special_token_strings_in_content_stay_plain_text(tok):
     ids = prompts.encode_chat(tok, [{"role": "user", "content": EVIL}])
     start, end = ids_of(tok, "<|im_start|>"), ids_of(tok, "<|im_end|>")
