@@ -90,7 +90,8 @@ def main() -> int:
 
             for i in range(a.warmups):
                 text = prompts.tagged(f"warm {i}", prompts.SHORT)
-                http(text, 8), worker.run(text, 8)
+                http(text, 8)
+                worker.run(text, 8)
             for i in range(a.pairs):
                 text = prompts.tagged(f"pair {i}", prompts.SHORT)
                 first_http = i % 2 == 0

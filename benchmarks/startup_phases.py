@@ -8,7 +8,7 @@ times every step with ``perf_counter``:
   squish   import the web stack (squish.api.app: FastAPI, pydantic, uvicorn), import
            mlx_lm.utils (transformers comes with it), load the artifact the way the
            loader does (manifest and header checks, lazy build, NaN/Inf check, weights,
-           tokenizer, prompt encoder), then encode one chat prompt
+           tokenizer), then encode one chat prompt
   mlx_lm   import mlx_lm.server, then mlx_lm.load on the same folder (its server does
            the same before the first request)
 
@@ -47,7 +47,6 @@ model, config = U.load_model(path, lazy=True); lap("build model (lazy)")
 loader.check_finite(model, path); mx.eval(model.parameters()); lap("NaN/Inf check + weights")
 tok = U.load_tokenizer(path, eos_token_ids=config.get("eos_token_id")); lap("tokenizer")
 from squish.runtime import prompts
-prompts.special_strings(tok); lap("special strings (at load)")
 prompts.encode_chat(tok, [{"role": "user", "content": "Hello!"}]); lap("first chat encode")
 out["total"] = time.perf_counter() - T
 print(json.dumps(out))
