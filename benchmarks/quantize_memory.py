@@ -39,8 +39,8 @@ import mlx.core as mx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from squish.build.quantize import QuantSpec, quantize_model  # noqa: E402
-from squish.build.reference import Reference  # noqa: E402
+from squish.quant.quantize import QuantSpec, quantize_model  # noqa: E402
+from squish.quant.reference import Reference  # noqa: E402
 
 QWEN25_15B = {
     "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
@@ -141,8 +141,8 @@ def numpy_passes(ref: Reference, cfg: dict) -> dict:
     """Peak RSS of the vocabulary-wide numpy passes (see the module docstring)."""
     import numpy as np
 
-    from squish.build import calibrate, evaluate
-    from squish.build import npforward as nf
+    from squish.quant import calibrate, evaluate
+    from squish.quant import npforward as nf
 
     out = {}
     mx.clear_cache()

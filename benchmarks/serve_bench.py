@@ -193,7 +193,7 @@ def main() -> int:
     args = ap.parse_args()
     results = {"startup": startup(args.model)}
     results["single"] = in_process(args.model, args.prompt_tokens, args.gen, args.repeats)
-    from squish.runtime.loader import read_manifest
+    from squish.artifact import read_manifest
 
     name = (read_manifest(args.model) or {}).get("name", args.model.name)
     with open(args.model / "config.json") as f:

@@ -41,8 +41,9 @@ from pathlib import Path
 path = Path(sys.argv[1])
 import squish.api.app, uvicorn; lap("web stack (FastAPI, pydantic, uvicorn)")
 import mlx.core as mx, mlx_lm.utils as U; lap("import mlx_lm.utils (+ transformers)")
+from squish import artifact
 from squish.runtime import loader
-loader.check_files(path, loader.read_manifest(path)); lap("manifest + header checks")
+artifact.check_files(path, artifact.read_manifest(path)); lap("manifest + header checks")
 model, config = U.load_model(path, lazy=True); lap("build model (lazy)")
 loader.check_finite(model, path); mx.eval(model.parameters()); lap("NaN/Inf check + weights")
 tok = U.load_tokenizer(path, eos_token_ids=config.get("eos_token_id")); lap("tokenizer")

@@ -1,5 +1,5 @@
 import sys
 
-from squish.cli import main
+from squish.cli.main import main
 
 sys.exit(main())

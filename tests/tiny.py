@@ -95,7 +95,7 @@ def make_tiny_artifact(path: Path, arch: str = "llama", *, bits: int = 4, group_
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
-    from squish.build.artifact import SHARD_BYTES, ArtifactWriter
+    from squish.quant.writer import SHARD_BYTES, ArtifactWriter
 
     src = make_hf_folder(path.parent / f".src-{path.name}", arch, dtype="float32")
     config = json.loads((src / "config.json").read_text())

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     systems = [SQUISH, MLX_LM]
     if not a.squish_cmd and not squish_serve_available():
         systems = [MLX_LM]
-        notes.append("`squish serve` is not available in this checkout (no squish.api.cli_serve): Squish's "
+        notes.append("`squish serve` is not available in this checkout (no squish.cli.serve): Squish's "
                      "server-side metrics are not measured; mlx_lm's are reported alone.")
     if a.squish_cmd:
         notes.append(f"Squish served by a custom command: `{a.squish_cmd}`.")

@@ -45,9 +45,9 @@ class SystemSpec:
 
 
 def squish_serve_available() -> bool:
-    """True once the Squish server (``squish.api.cli_serve``) is installed."""
+    """True once the Squish server (``squish.cli.serve``) is installed."""
     try:
-        return importlib.util.find_spec("squish.api.cli_serve") is not None
+        return importlib.util.find_spec("squish.cli.serve") is not None
     except ModuleNotFoundError:
         return False
 

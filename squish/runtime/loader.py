@@ -1,11 +1,10 @@
 """Opens a Squish artifact (or a plain mlx_lm folder) for serving.
 
-Checks, cheapest first, before any weight is read:
-  1. ``squish.json`` format and version (absent: a plain mlx_lm folder, served
-     with a warning that no quality report exists);
-  2. every file the manifest lists exists with its recorded size;
-  3. every safetensors header parses and its data fits the file (truncation);
-  4. with ``verify_hashes`` (``squish verify``), every file's sha256.
+Before any weight is read, the artifact contract's checks run
+(``squish.artifact``: manifest format and version, file sizes, safetensors
+headers, and with ``verify_hashes`` every sha256). A folder without
+``squish.json`` is a plain mlx_lm folder, served with a warning that no
+quality report exists.
 Then the model is built by mlx_lm from the artifact *as stored*: the loader
 performs no reshape, transpose, cast, re-quantization or recomputation
 (tests/integration/test_loader.py proves it). Floating-point tensors (scales,
@@ -14,21 +13,16 @@ biases, norms, embeddings) are checked for NaN/Inf once they are in memory.
 
 from __future__ import annotations
 
-import json
 import logging
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from squish.artifact import check_files, read_manifest
 from squish.errors import InputError
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "squish.json"
-FORMAT_NAME = "squish-artifact"
-SUPPORTED_FORMAT_VERSIONS = (1,)
 
 
 @dataclass
@@ -42,82 +36,6 @@ class LoadedModel:
     load_seconds: float
     experimental: bool
     warnings: list[str] = field(default_factory=list)
-
-
-def read_manifest(path: Path) -> dict | None:
-    """The parsed ``squish.json`` of ``path``, or None for a plain mlx_lm folder."""
-    mf = Path(path) / MANIFEST
-    if not mf.exists():
-        return None
-    try:
-        manifest = json.loads(mf.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{mf}: unreadable manifest ({e})") from e
-    if manifest.get("format") != FORMAT_NAME:
-        raise InputError(f"{mf}: not a Squish manifest (format={manifest.get('format')!r})")
-    if manifest.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
-        raise InputError(
-            f"{mf}: format_version {manifest.get('format_version')!r} is not supported by this "
-            f"Squish (supports {list(SUPPORTED_FORMAT_VERSIONS)}); rebuild it with `squish quantize` "
-            "or upgrade Squish"
-        )
-    return manifest
-
-
-def check_safetensors(file: Path) -> dict[str, dict]:
-    """Parse a safetensors header and check that every tensor's bytes are in the file."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise InputError(f"{file}: truncated safetensors file ({size} bytes, no header)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 100 << 20):
-            raise InputError(f"{file}: corrupt safetensors header (claims {n} header bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise InputError(f"{file}: corrupt safetensors header ({e})") from e
-    header.pop("__metadata__", None)
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
-    if 8 + n + end > size:
-        raise InputError(
-            f"{file}: truncated: tensors need {8 + n + end} bytes but the file has {size}"
-        )
-    return header
-
-
-def check_files(path: Path, manifest: dict | None, *, verify_hashes: bool = False) -> list[Path]:
-    """Existence, sizes, headers (and optionally hashes) of an artifact's files."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise InputError(f"{path}: no config.json: not a model folder")
-    if manifest is not None:
-        from squish.build.pypi import sha256_file
-
-        for name, meta in manifest.get("files", {}).items():
-            f = path / name
-            if not f.is_file():
-                raise InputError(f"{f}: missing (listed in {MANIFEST}); the artifact is incomplete")
-            if f.stat().st_size != meta["size"]:
-                raise InputError(
-                    f"{f}: size {f.stat().st_size} bytes, manifest says {meta['size']}: "
-                    "the file is truncated or was modified"
-                )
-            if verify_hashes and sha256_file(f) != meta["sha256"]:
-                raise InputError(f"{f}: sha256 does not match the manifest: the file is corrupt")
-    weights = sorted(path.glob("model*.safetensors"))
-    if not weights:
-        raise InputError(f"{path}: no model*.safetensors weight files")
-    index = path / "model.safetensors.index.json"
-    names: set[str] = set()
-    for w in weights:
-        names.update(check_safetensors(w))
-    if index.exists():
-        wanted = set(json.loads(index.read_text())["weight_map"])
-        if missing := sorted(wanted - names):
-            raise InputError(f"{index}: {len(missing)} tensors have no data, e.g. {missing[0]}")
-    return weights
 
 
 def check_finite(model: Any, path: Path) -> None:

@@ -33,7 +33,7 @@ def load_reference(gguf: Path, workdir: Path):
     from mlx_lm.tokenizer_utils import load as load_tokenizer
     from mlx_lm.utils import _get_classes
 
-    from squish.build.gguf import load_gguf
+    from squish.quant.gguf import load_gguf
 
     ref = load_gguf(Path(gguf), Path(workdir))
     model_cls, args_cls = _get_classes(ref.config)

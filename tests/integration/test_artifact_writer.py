@@ -11,8 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import make_tiny_artifact  # noqa: E402
 
-from squish.build.artifact import ArtifactWriter  # noqa: E402
-from squish.cli import main  # noqa: E402
+from squish.quant.writer import ArtifactWriter  # noqa: E402
+from squish.cli.main import main  # noqa: E402
 from squish.config import models_dir  # noqa: E402
 from squish.errors import InputError  # noqa: E402
 

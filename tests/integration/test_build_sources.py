@@ -12,8 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import make_hf_folder  # noqa: E402
 
-from squish.build.pipeline import BuildOptions, build  # noqa: E402
-from squish.cli import main  # noqa: E402
+from squish.quant.pipeline import BuildOptions, build  # noqa: E402
+from squish.cli.main import main  # noqa: E402
 from squish.errors import InputError, SystemFailure  # noqa: E402
 from squish.runtime.loader import load_artifact  # noqa: E402
 
@@ -83,7 +83,7 @@ def test_not_enough_disk(tmp_path, monkeypatch, capsys):
 
 
 def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
-    import squish.build.quantize as quantize
+    import squish.quant.quantize as quantize
 
     src = make_hf_folder(tmp_path / "src", "llama")
     real = quantize.quantize_model
@@ -116,7 +116,7 @@ def test_existing_artifact_needs_force(tmp_path):
 
 
 def _impossible_gate(monkeypatch):
-    import squish.build.evaluate as evaluate
+    import squish.quant.evaluate as evaluate
 
     gate = evaluate.Thresholds(max_mean_kld=-1.0, min_top1=1.01, max_ppl_delta=-1.0)
     monkeypatch.setitem(evaluate.THRESHOLDS, 4, gate)

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from squish.build.gguf import load_gguf
+from squish.quant.gguf import load_gguf
 
 pytestmark = pytest.mark.slow
 

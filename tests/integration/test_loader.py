@@ -92,7 +92,7 @@ def _rewrite_tensor(artifact: Path, name: str, fn) -> None:
     only the content checks can catch it."""
     import mlx.core as mx
 
-    from squish.build.pypi import sha256_file
+    from squish.artifact import sha256_file
 
     f = artifact / "model.safetensors"
     weights = mx.load(str(f))

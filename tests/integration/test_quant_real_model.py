@@ -17,9 +17,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from squish.build.evaluate import THRESHOLDS, Thresholds, evaluate
-from squish.build.quantize import UNIFORM, MixedPolicy, QuantSpec, quantize_model
-from squish.build.reference import Reference
+from squish.quant.evaluate import THRESHOLDS, Thresholds, evaluate
+from squish.quant.quantize import UNIFORM, MixedPolicy, QuantSpec, quantize_model
+from squish.quant.reference import Reference
 
 N_LAYERS = 4
 
@@ -53,8 +53,8 @@ def _build(ref, calib, spec, out: Path, **kw):
 def test_int4_calibrated_beats_rtn_on_real_weights(smollm2_gguf, tmp_path):
     from mlx_lm.utils import load_tokenizer
 
-    from squish.build.calibrate import calibration_tokens
-    from squish.build.gguf import load_gguf
+    from squish.quant.calibrate import calibration_tokens
+    from squish.quant.gguf import load_gguf
 
     ref = _truncate(load_gguf(Path(smollm2_gguf), tmp_path / "ref"), N_LAYERS)
     tok = load_tokenizer(ref.tokenizer_dir)
@@ -86,7 +86,7 @@ def test_int4_calibrated_beats_rtn_on_real_weights(smollm2_gguf, tmp_path):
 
 @pytest.mark.slow
 def test_uniform_rtn_records_no_overrides(smollm2_gguf, tmp_path):
-    from squish.build.gguf import load_gguf
+    from squish.quant.gguf import load_gguf
 
     ref = _truncate(load_gguf(Path(smollm2_gguf), tmp_path / "ref"), 1)
     calib = mx.array(np.arange(2 * 32, dtype=np.int32).reshape(2, 32))

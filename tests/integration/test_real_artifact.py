@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from squish.build.evaluate import THRESHOLDS, repetition_loop
-from squish.cli import main
+from squish.quant.evaluate import THRESHOLDS, repetition_loop
+from squish.cli.main import main
 from squish.runtime.loader import load_artifact
 
 # Held-out text for this test (not the calibration text, not heldout.txt).
@@ -55,7 +55,7 @@ def test_logits_within_gate_vs_float_reference(smollm2_gguf, loaded, tmp_path):
     import mlx.core as mx
     from mlx_lm.utils import _get_classes
 
-    from squish.build.gguf import load_gguf
+    from squish.quant.gguf import load_gguf
 
     ref = load_gguf(smollm2_gguf, tmp_path)
     cls, args = _get_classes(ref.config)

@@ -14,8 +14,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import make_hf_folder, make_tiny_artifact  # noqa: E402
 
-from squish.build import npforward as nf  # noqa: E402
-from squish.build.sources import load_hf_dir  # noqa: E402
+from squish.quant import npforward as nf  # noqa: E402
+from squish.quant.sources import load_hf_dir  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -60,7 +60,7 @@ def test_gate_blocks_equal_full_dequantization(tmp_path):
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load
 
-    from squish.build.evaluate import quantized_layers
+    from squish.quant.evaluate import quantized_layers
 
     model, _ = load(str(make_tiny_artifact(tmp_path / "q", "llama")))
     blocks, embed, norm, head = quantized_layers(model)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from squish.cli import main
+from squish.cli.main import main
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -87,6 +87,6 @@ def test_rm_unknown(capsys):
 
 
 def test_import_squish_is_light():
-    code = "import sys, squish, squish.cli; print(any(m.startswith(('mlx', 'fastapi')) for m in sys.modules))"
+    code = "import sys, squish, squish.cli.main; print(any(m.startswith(('mlx', 'fastapi')) for m in sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False", r.stderr

@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from squish.build.gguf import (
+from squish.quant.gguf import (
     GGUFHeader,
     TensorInfo,
     build_config,

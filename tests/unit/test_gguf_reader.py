@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from squish.build.gguf import load_gguf, read_gguf_header, unpermute_qk_rows
+from squish.quant.gguf import load_gguf, read_gguf_header, unpermute_qk_rows
 from squish.errors import InputError
 
 # ---- a minimal GGUF v3 writer -----------------------------------------------------------

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from squish.build.gguf_tokenizer import (
+from squish.quant.gguf_tokenizer import (
     LLAMA3_SPLIT,
     QWEN2_SPLIT,
     build_tokenizer,

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from squish.build import awq
-from squish.build.evaluate import THRESHOLDS, QualityReport, Thresholds, repetition_loop
-from squish.build.gptq import HessianPrep, dequantize, gptq, hessian, output_error, rtn
-from squish.build.npforward import Arch, block
-from squish.build.quantize import Method, QuantSpec
+from squish.quant import awq
+from squish.quant.evaluate import THRESHOLDS, QualityReport, Thresholds, repetition_loop
+from squish.quant.gptq import HessianPrep, dequantize, gptq, hessian, output_error, rtn
+from squish.quant.npforward import Arch, block
+from squish.quant.quantize import Method, QuantSpec
 from squish.errors import InputError
 
 
@@ -135,7 +135,7 @@ def test_repetition_loop_detector():
 
 def test_float32_inverse_factor_matches_float64_and_refuses_non_pd():
     """The wide-layer path (MLX LAPACK, float32) against numpy in float64."""
-    from squish.build.gptq import _upper_inv_factor
+    from squish.quant.gptq import _upper_inv_factor
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((400, 300))

@@ -7,8 +7,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from squish.build.gptq import dequantize, rtn
-from squish.build.packing import pack, round_to_dtype, unpack
+from squish.quant.gptq import dequantize, rtn
+from squish.quant.packing import pack, round_to_dtype, unpack
 
 
 @pytest.mark.parametrize("bits", [3, 4, 5, 6, 8])

@@ -6,7 +6,6 @@ go to stderr. Heavy imports (MLX, FastAPI) happen inside the handlers only.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -23,8 +22,6 @@ EPILOG = """examples:
   squish models                             list local artifacts
 """
 
-# Subcommands implemented in other packages: module exposing register(subparsers) and run(args).
-PLUGGED = ("squish.api.cli_serve", "squish.api.cli_chat")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -58,7 +55,7 @@ def _register_quantize(sub) -> None:
 
 
 def _quantize(args) -> int:
-    from squish.build.pipeline import BuildOptions, build
+    from squish.quant.pipeline import BuildOptions, build
 
     opts = BuildOptions(**{k: getattr(args, k) for k in (
         "bits", "group_size", "dtype", "calib_file", "calib_samples", "calib_seq_len",
@@ -148,12 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"squish {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _register_quantize(sub)
-    for name in PLUGGED:
-        try:
-            importlib.import_module(name).register(sub)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
+    from squish.cli import chat, serve  # argparse only: no MLX / FastAPI at import
+
+    serve.register(sub)
+    chat.register(sub)
     _register_models(sub)
     _register_rm(sub)
     _register_verify(sub)

@@ -20,7 +20,7 @@ What happens, and why:
   interleaved ("traditional") RoPE. We undo that so the artifact runs with
   mlx_lm's default ``rope_traditional: false``. Qwen2/Qwen3 conversions are
   not permuted (their converter class does not apply the permutation).
-- The tokenizer is rebuilt from metadata by :mod:`squish.build.gguf_tokenizer`.
+- The tokenizer is rebuilt from metadata by :mod:`squish.quant.gguf_tokenizer`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from squish.build.reference import Reference
+from squish.quant.reference import Reference
 from squish.errors import InputError
 
 GROUP_SIZE = 32  # every GGUF type we accept has 32-element blocks
@@ -439,7 +439,7 @@ def model_name(meta: dict[str, Any], path: Path) -> str:
 def load_gguf(path: Path, workdir: Path) -> Reference:
     """Read a GGUF file into a :class:`Reference` (config, lazy float32 tensors in
     mlx_lm naming, tokenizer files under ``workdir/tokenizer``, source record)."""
-    from squish.build.gguf_tokenizer import write_tokenizer
+    from squish.quant.gguf_tokenizer import write_tokenizer
 
     path = Path(path)
     if not path.is_file():

@@ -23,12 +23,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from squish.build.pypi import sha256_file
+from squish.artifact import FORMAT_NAME, FORMAT_VERSION, MANIFEST, sha256_file
 from squish.errors import InputError
 
-FORMAT_NAME = "squish-artifact"
-FORMAT_VERSION = 1
-MANIFEST = "squish.json"
 SHARD_BYTES = 512 << 20  # the writer buffers one shard: this bounds its share of peak RSS
 TOKENIZER_FILES = (
     "tokenizer.json",

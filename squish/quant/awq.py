@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from squish.build.gptq import rtn
+from squish.quant.gptq import rtn
 
 ALPHA_GRID = tuple(np.round(np.arange(0.0, 0.95, 0.1), 3))  # 0, 0.1, ..., 0.9
 
@@ -105,7 +105,7 @@ def scale_block(W: dict, cap: dict, arch, bits: int, gs: int, dtype: str, points
     ``mlp_in``, ``down_in``) for the unscaled weights. Returns a summary
     ``{point: {"alpha": .., "err_ratio": ..}}``.
     """
-    from squish.build.gptq import hessian
+    from squish.quant.gptq import hessian
 
     summary = {}
 

@@ -115,15 +115,15 @@ def build(source: str, opts: BuildOptions) -> BuildResult:
 
 
 def _build(source: str, opts: BuildOptions, dtype: str, workdir: Path, t0: float) -> BuildResult:
-    from squish.build.sources import resolve_source
+    from squish.quant.sources import resolve_source
 
     _say(opts.quiet, f"resolving {source} ...")
     ref = resolve_source(source, workdir, quiet=opts.quiet)
 
-    from squish.build.artifact import ArtifactWriter
-    from squish.build.calibrate import calibration_tokens
-    from squish.build.evaluate import evaluate
-    from squish.build.quantize import QuantSpec, quantize_model
+    from squish.quant.writer import ArtifactWriter
+    from squish.quant.calibrate import calibration_tokens
+    from squish.quant.evaluate import evaluate
+    from squish.quant.quantize import QuantSpec, quantize_model
 
     target = Path(opts.output) if opts.output else models_dir() / f"{ref.name}-{opts.bits}bit"
     need = estimate_bytes(ref.config, opts.bits, opts.group_size, dtype)

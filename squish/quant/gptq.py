@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from squish.build.packing import quantize_grid, round_to_dtype
+from squish.quant.packing import quantize_grid, round_to_dtype
 
 DEFAULT_CLIP_RATIOS = tuple(np.round(np.linspace(1.0, 0.75, 11), 4))
 

@@ -14,6 +14,8 @@ import sys
 import threading
 import time
 
+from squish.cli.runner import exit_after_engine, make_engine, resolve_or_build
+
 EXAMPLES = """examples:
   squish serve                              best local model (builds smollm2:135m if none) on 127.0.0.1:8000
   squish serve smollm2:135m --port 8080
@@ -72,25 +74,6 @@ def _settings(args):
         max_batch=args.max_batch, max_queue=args.max_queue, prefix_cache_mb=args.prefix_cache_mb)
 
 
-def resolve_or_build(args, dry_run: bool):
-    """The model path for `serve` / `chat`: ``args.model``, else the best local artifact, else
-    the default model, built now (None on a dry run with nothing built)."""
-    from squish.errors import InputError
-    from squish.models import default_model_path, resolve_model
-
-    if args.model:
-        return resolve_model(args.model)
-    try:
-        return resolve_model(None)
-    except InputError:
-        if dry_run:
-            return None
-        if not args.quiet:
-            print("no local model yet: building the default model (smollm2:135m) first...",
-                  file=sys.stderr)
-        return default_model_path(build_if_missing=True, quiet=args.quiet)
-
-
 def _banner(url: str, name: str, api_key: str | None) -> str:
     key = api_key and "$SQUISH_API_KEY" or "none"
     auth = ' -H "Authorization: Bearer $SQUISH_API_KEY"' if api_key else ""
@@ -129,20 +112,13 @@ def run(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    path = resolve_or_build(args, args.dry_run)  # InputError -> exit 1 via squish.cli
+    path = resolve_or_build(args, args.dry_run)  # InputError -> exit 1 via squish.cli.main
 
     from squish.api.app import create_app
     from squish.api.metrics import Metrics
-    from squish.runtime.engine import Engine
 
     metrics = Metrics()
-
-    def load():
-        from squish.runtime.loader import load_artifact
-
-        return load_artifact(path)
-
-    engine = Engine(load, max_batch=settings.max_batch, max_queue=settings.max_queue,
+    engine = make_engine(path, max_batch=settings.max_batch, max_queue=settings.max_queue,
                     queue_timeout=settings.queue_timeout,
                     prefix_cache_bytes=None if settings.prefix_cache_mb is None else settings.prefix_cache_mb << 20,
                     observer=metrics)
@@ -197,11 +173,4 @@ def _serve(app, engine, settings, url: str, quiet: bool) -> int:
     if not quiet:
         print(f"loading the model; listening on {url} (GET /health reports when ready)", flush=True)
     server.run()
-    engine.stop()  # already stopped by the app's lifespan; a no-op then
-    # The engine has drained and stopped. Skip interpreter teardown: MLX's
-    # native threads abort ("terminate called without an active exception")
-    # when destroyed after a non-main thread used the device.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(outcome["code"])
+    exit_after_engine(engine, outcome["code"])  # the app's lifespan already stopped it

@@ -4,7 +4,7 @@ The artifact is loaded with ``mlx_lm.utils.load`` exactly as a user would load
 it (``QuantizedLinear`` / ``QuantizedEmbedding`` built from config.json). Its
 weights are then dequantized with ``mx.dequantize`` - the same arithmetic the
 quantized kernels do - and the distribution metrics run through the numpy
-forward (``squish.build.npforward``), ~30x faster than MLX's CPU GEMM. That
+forward (``squish.quant.npforward``), ~30x faster than MLX's CPU GEMM. That
 shortcut is checked, not assumed: ``runtime_consistency`` compares the logits of
 the real mlx_lm quantized model with the numpy path on a prefix of the first
 window, and the gate fails if they differ.
@@ -28,8 +28,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from squish.build import npforward as nf
-from squish.build.reference import Reference
+from squish.quant import npforward as nf
+from squish.quant.reference import Reference
 
 HELDOUT = Path(__file__).parent / "data" / "heldout.txt"
 

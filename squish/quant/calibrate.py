@@ -22,8 +22,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from squish.build import npforward as nf
-from squish.build.reference import Reference
+from squish.quant import npforward as nf
+from squish.quant.reference import Reference
 from squish.errors import InputError
 
 PROMPTS = (

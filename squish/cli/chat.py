@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 import uuid
+
+from squish.cli.runner import exit_after_engine, make_engine, resolve_or_build
 
 EXAMPLES = """examples:
   squish chat                                 the best local model (builds smollm2:135m if none)
@@ -62,14 +63,8 @@ def run(args) -> int:
         return 1
     logging.getLogger().setLevel(logging.ERROR if args.quiet else logging.WARNING)
     logging.getLogger("squish.engine").setLevel(logging.CRITICAL)  # its errors are printed below
-    from squish.api.cli_serve import resolve_or_build
-
-    path = resolve_or_build(args, dry_run=False)  # InputError -> exit 1 via squish.cli
-
-    from squish.runtime.engine import Engine
-    from squish.runtime.loader import load_artifact
-
-    engine = Engine(lambda: load_artifact(path), max_batch=1, max_queue=1)
+    path = resolve_or_build(args, dry_run=False)  # InputError -> exit 1 via squish.cli.main
+    engine = make_engine(path, max_batch=1, max_queue=1)
     engine.start()
     note = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     note(f"loading {path} ...")
@@ -84,13 +79,7 @@ def run(args) -> int:
     except Exception as exc:  # noqa: BLE001 - reported, then the process ends below
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
     finally:
-        engine.stop()
-        # As in `squish serve`: skip interpreter teardown, where MLX's native threads abort
-        # ("terminate called without an active exception") after a non-main thread used it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(code)
+        exit_after_engine(engine, code)
 
 
 def _chat(engine, args, note) -> int:

@@ -5,11 +5,11 @@ the already-quantized blocks ``0..i-1`` on the calibration tokens):
 
 1. float pass of block ``i`` capturing every linear's input;
 2. AWQ scale search at the four exact fold points, folded into the float
-   weights (``squish.build.awq``);
+   weights (``squish.quant.awq``);
 3. true-sequential quantization inside the block - q/k/v, then o_proj on the
    attention output of the *quantized* q/k/v, then gate/up, then down - each
    with GPTQ error compensation and clip-searched group ranges
-   (``squish.build.gptq``);
+   (``squish.quant.gptq``);
 4. the block's output with quantized weights becomes block ``i+1``'s input;
    its final tensors are emitted and dropped.
 
@@ -35,13 +35,13 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from squish.build import npforward as nf
-from squish.build.awq import ALL_POINTS, scale_block
-from squish.build.gptq import HessianPrep, dequantize, gptq, hessian, output_error, rtn
-from squish.build.packing import (
+from squish.quant import npforward as nf
+from squish.quant.awq import ALL_POINTS, scale_block
+from squish.quant.gptq import HessianPrep, dequantize, gptq, hessian, output_error, rtn
+from squish.quant.packing import (
     SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, bits_per_weight, dtype_bits, pack, round_to_dtype,
 )
-from squish.build.reference import Reference
+from squish.quant.reference import Reference
 from squish.errors import InputError
 
 DTYPES = ("float32", "float16", "bfloat16")

