@@ -27,7 +27,9 @@ class _ToolCollector:
       numerical, repetition, grammar);
     - ``squish_tool_requests_total{result}``: requests by result: ``ok`` (first attempt),
       ``rescued`` (valid after a retry), ``degraded`` (valid, but only with a repetition
-      loop the constraint cut short), ``failed`` (every attempt failed);
+      loop the constraint cut short), ``length`` (``max_tokens`` ended the reply before a
+      call or JSON value was complete: ``finish_reason: "length"``), ``failed`` (every
+      attempt failed);
     - ``squish_tool_failures_total{cause}``: failed requests by the last attempt's cause.
     """
 
@@ -44,7 +46,7 @@ class _ToolCollector:
         failures = CounterMetricFamily("squish_tool_failures", "Requests whose every attempt failed, "
                                        "by the last cause", labels=["cause"])
         results = CounterMetricFamily("squish_tool_requests", "Tool/JSON requests by result", labels=["result"])
-        for result in ("ok", "rescued", "degraded"):
+        for result in ("ok", "rescued", "degraded", "length"):
             results.add_metric([result], snap.get((result, ""), 0))
         results.add_metric(["failed"], sum(n for (ev, _), n in snap.items() if ev == "failed"))
         for (ev, cause), n in sorted(snap.items()):
@@ -64,8 +66,9 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)  # process_resident_memory_bytes & co.
-        self.requests = Counter("squish_requests", "HTTP requests by route and status",
-                                ["route", "status"], registry=r)
+        self.requests = Counter("squish_requests", "HTTP requests by route (path template) and status "
+                                "(499: the client left; a stream that failed after it started counts "
+                                "as its error's status)", ["route", "status"], registry=r)
         self.completions = Counter("squish_completions", "Generations by outcome "
                                    "(stop, length, cancelled, repetition, grammar, timeout, numerical, ...)",
                                    ["outcome"], registry=r)
@@ -90,7 +93,7 @@ class Metrics:
                                registry=r)
         from squish.tools.loop import ToolStats
 
-        self.tool_stats = ToolStats()  # the retry loop counts into it (squish.api.toolcalls)
+        self.tool_stats = ToolStats()  # the attempt loop counts into it (squish.serving.attempts)
         r.register(_ToolCollector(self.tool_stats))
 
     # engine observer interface

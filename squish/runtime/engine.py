@@ -93,6 +93,7 @@ class Finish:
     problem: str | None = None
     constraint_error: str | None = None
     closed_early: str | None = None  # the constraint closed a value early: "repetition" / "length"
+    reasoning_closed: bool = False  # the processor closed a reasoning section at its budget
 
 
 @dataclass
@@ -432,7 +433,8 @@ class Engine:
             err = getattr(st.processor, "error", None)
             problem = st.problem or ("grammar" if err is not None else None)
             final = Finish(final.reason, len(st.req.prompt), len(st.generated), st.cached, problem, err,
-                           getattr(st.processor, "closed_early", None))
+                           getattr(st.processor, "closed_early", None),
+                           bool(getattr(st.processor, "reasoning_closed", False)))
             status = problem or final.reason  # metrics outcome: "repetition" / "grammar" when set
         else:
             status = final.kind

@@ -36,6 +36,7 @@ class LoadedModel:
     load_seconds: float
     experimental: bool
     warnings: list[str] = field(default_factory=list)
+    facts: Any = None  # squish.runtime.prompts.ChatFacts: template, tool family, reasoning markers
 
 
 def check_finite(model: Any, path: Path) -> None:
@@ -74,6 +75,9 @@ def load_artifact(path: Path, *, verify_hashes: bool = False) -> LoadedModel:
     check_finite(model, path)
     mx.eval(model.parameters())
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    from squish.runtime.prompts import chat_facts
+
+    facts = chat_facts(tokenizer, config)
     quant = (manifest or {}).get("quantization", {})
     experimental = bool(quant.get("experimental", False))
     if experimental:
@@ -90,4 +94,5 @@ def load_artifact(path: Path, *, verify_hashes: bool = False) -> LoadedModel:
         load_seconds=time.perf_counter() - t0,
         experimental=experimental,
         warnings=warnings,
+        facts=facts,
     )

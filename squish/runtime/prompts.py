@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 import secrets
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -169,9 +170,74 @@ def apply_template(tokenizer, messages: list, **kwargs) -> list[int]:
     return encode_rendered(tokenizer, text, literal)
 
 
-def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
-    return apply_template(tokenizer, messages)
+def encode_chat(tokenizer, messages: list[dict], **template_kwargs) -> list[int]:
+    """Token ids of a chat; ``template_kwargs`` are switches the template defines
+    (``enable_thinking``), never client text."""
+    return apply_template(tokenizer, messages, **template_kwargs)
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text))
+
+
+# ---- model facts, resolved once at load ------------------------------------------------------
+
+THINK_MARKERS = (("<think>", "</think>"),)  # (start, end) pairs a template may use
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass(frozen=True)
+class ChatFacts:
+    """What the serving core needs to know about a model's tokenizer and template.
+
+    Computed once when the model loads (``chat_facts``), never per request."""
+
+    context_length: int
+    vocab_size: int
+    has_template: bool
+    native_tools: bool  # the chat template renders a ``tools`` list
+    tool_family: str  # squish.tools.registry family name
+    think_start: str | None = None  # reasoning markers, when the model writes a thinking section
+    think_end: str | None = None
+    think_start_id: int | None = None
+    think_end_id: int | None = None
+    thinking_switch: bool = False  # the template reads ``enable_thinking``
+    control_ids: frozenset = frozenset()  # special tokens other than end-of-sequence ones
+
+    @property
+    def reasons(self) -> bool:
+        return self.think_end_id is not None
+
+
+def chat_facts(tokenizer, config: dict) -> ChatFacts:
+    from squish.tools import registry
+
+    template = getattr(tokenizer, "chat_template", None) or ""
+    ctx = config.get("max_position_embeddings") or config.get("max_seq_len") or config.get("n_ctx")
+    text_cfg = config.get("text_config") or {}
+    ctx = ctx or text_cfg.get("max_position_embeddings")
+    vocab = config.get("vocab_size") or text_cfg.get("vocab_size") or len(tokenizer)
+    start = end = None
+    start_id = end_id = None
+    hf = _hf(tokenizer)
+    vocab_map = hf.get_vocab() if hasattr(hf, "get_vocab") else {}
+    for s, e in THINK_MARKERS:
+        if s in vocab_map and e in vocab_map and s in template:
+            start, end, start_id, end_id = s, e, vocab_map[s], vocab_map[e]
+            break
+    special_strings(tokenizer)  # warm the special-token splitter now, not on the first request
+    special_ids = set(getattr(hf, "all_special_ids", ()) or ())
+    for i, tok in (getattr(hf, "added_tokens_decoder", {}) or {}).items():
+        if getattr(tok, "special", False):
+            special_ids.add(int(i))
+    special_ids -= set(getattr(tokenizer, "eos_token_ids", ()) or ())
+    return ChatFacts(
+        context_length=int(ctx) if ctx else DEFAULT_CONTEXT,
+        vocab_size=int(vocab),
+        has_template=bool(template),
+        native_tools="tools" in template,
+        tool_family=registry.for_tokenizer(tokenizer, str(config.get("model_type", ""))).name,
+        think_start=start, think_end=end, think_start_id=start_id, think_end_id=end_id,
+        thinking_switch="enable_thinking" in template,
+        control_ids=frozenset(special_ids),
+    )

@@ -7,7 +7,10 @@ called on the engine thread.
 Semantics follow the OpenAI API:
 - ``temperature`` 0 is greedy. Otherwise the log-probabilities are divided by
   the temperature first, then ``top_k`` / ``min_p`` / ``top_p`` filter the
-  scaled distribution, then one token is drawn.
+  scaled distribution, then one token is drawn. A temperature below
+  ``GREEDY_BELOW`` behaves as its limit, greedy (dividing by it would overflow
+  float32 and draw from noise), and so does a ``top_p`` below ``GREEDY_BELOW``
+  (only the most likely token is left; in float32 it would round to 0).
 - ``seed``: every request owns its random stream. The key for step ``i`` is
   derived from ``(seed, i)`` alone, so the same seed and the same request give
   the same output no matter which other requests share the batch. Requests
@@ -17,7 +20,8 @@ Semantics follow the OpenAI API:
 - ``logit_bias`` adds the bias to the raw logits of the given token ids.
 - ``repetition_penalty`` (extension, as in mlx_lm / CTRL) divides positive and
   multiplies negative logits of the tokens seen in the last
-  ``REPETITION_CONTEXT`` tokens of prompt + completion.
+  ``REPETITION_CONTEXT`` tokens of prompt + completion; the API accepts
+  ``MIN_REPETITION_PENALTY`` to 10 (below that the division overflows).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import secrets
 from dataclasses import dataclass, field
 
 REPETITION_CONTEXT = 64
+MIN_REPETITION_PENALTY = 0.01
+GREEDY_BELOW = 1e-5
 MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
 
@@ -61,7 +67,7 @@ def build_sampler(params: SamplingParams, seed: int):
     """A callable ``logprobs (1, V) -> token (1,)`` for one request."""
     from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
 
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW or params.top_p < GREEDY_BELOW:
         return greedy_sampler
 
     import mlx.core as mx

@@ -184,15 +184,16 @@ def _compile_either(llt, build: Callable[[bool], str], param: str):
 
 
 def special_lit(tokenizer) -> Callable[[str], str]:
-    """Lark literal for a marker: ``<[id]>`` when it is one special token, else a string."""
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    special = set(getattr(hf, "all_special_tokens", ()) or ())
-    added = getattr(hf, "added_tokens_decoder", {}) or {}
-    special |= {t.content for t in added.values() if getattr(t, "special", False)}
+    """Lark literal for a marker: ``<[id]>`` when it is one token that llguidance treats as
+    special (every added token, e.g. Qwen's ``<tool_call>``, which Hugging Face marks
+    non-special: as a string literal the grammar would refuse the model's own token and
+    force the marker spelled in pieces), else a string."""
+    llt = ll_tokenizer(tokenizer)
 
     def lit(text: str) -> str:
-        if text in special:
-            return f"<[{hf.convert_tokens_to_ids(text)}]>"
+        ids = llt.tokenize_str(text, parse_special=True)
+        if len(ids) == 1 and llt.is_special_token(ids[0]):
+            return f"<[{ids[0]}]>"
         return json_lit(text)
 
     return lit

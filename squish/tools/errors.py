@@ -1,18 +1,15 @@
-"""Errors of the tool-calling / structured-output layer, with their HTTP mapping.
+"""Errors of the tool-calling / structured-output layer.
 
 ``ToolRequestError`` is the client's fault (HTTP 400): an invalid JSON Schema in
 ``tools`` or ``response_format``, an unknown function in ``tool_choice``, a
-malformed tool message. ``ToolCallFailed`` means the model could not produce a
-valid call or output within the retry budget (HTTP 500, ``code`` names it);
-the client never gets a half-parsed call.
-
-Both carry ``status`` / ``code`` / ``param`` so the API maps them in one line
-to an OpenAI-shaped error body.
+malformed tool message. It carries ``param`` (the field at fault). A reply the
+model could not get right within the retry budget is the serving core's
+``ServeError`` 500 ``tool_call_failed`` (``squish.serving.attempts``).
 """
 
 from __future__ import annotations
 
-from squish.errors import InputError, SquishError
+from squish.errors import InputError
 
 
 class ToolRequestError(InputError, ValueError):
@@ -24,18 +21,3 @@ class ToolRequestError(InputError, ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
-
-
-class ToolCallFailed(SquishError):
-    """Every attempt produced an invalid call or output (HTTP 500, code ``tool_call_failed``).
-
-    ``attempts`` lists the cause of each failed attempt (see ``loop.Cause``).
-    """
-
-    status = 500
-    code = "tool_call_failed"
-    param = None
-
-    def __init__(self, message: str, attempts: list[str]):
-        super().__init__(message)
-        self.attempts = attempts

@@ -1,7 +1,8 @@
-"""The bounded corrective-retry loop around one chat completion with tools or JSON output.
+"""The tool / JSON reply policy: what a reply must be, how an attempt is judged,
+the corrective message, and the retry counters.
 
-``complete`` runs ``generate(messages)`` (the API's coroutine: render, submit
-to the engine, collect the text) up to ``max_attempts`` times. An attempt
+The loop that applies it (generate, judge, retry) is the serving core's
+(``squish.serving.attempts``), shared by streamed and whole replies. An attempt
 fails when:
 
 - generation hit NaN/Inf logits (``numerical``), a repetition loop
@@ -17,29 +18,15 @@ fails when:
 - a ``response_format`` reply is not JSON, not an object, or fails the schema.
 
 After a failure the next attempt sees the failed reply as an assistant turn
-and a corrective user turn naming the error (``CORRECTION``). If every attempt
-fails, ``ToolCallFailed`` (HTTP 500, code ``tool_call_failed``) names the last
-error and lists each attempt's cause: the client never gets a half-parsed call.
-
-A value the constraint closed early (``closed_early``: a repetition loop, or
-the token budget running out; see ``squish.tools.constraints``) leaves a reply
-that parses and validates but holds a truncated value. It counts as a
-``repetition`` / ``length`` failure and is retried; if no later attempt is
-valid, the newest such reply is returned (result ``degraded``) rather than an
-error, since it satisfies the schema. A budget close ("length") in a reply
-with several calls can only be in the last one (finishing allows EOS as soon
-as a call ends), so that call is dropped and the complete ones are returned as
-a normal reply, as for a last call cut by ``max_tokens``. (A repetition loop
-may be in any call, so that rule is for budget closes only.)
+and a corrective user turn naming the error (``CORRECTION``).
 
 With ``parallel_tool_calls`` false, only the first valid call is returned.
 With parallel calls, a last call cut off by ``max_tokens`` after complete,
 valid calls is dropped (the complete ones are returned, as a stream would
 have sent them).
 
-Counters (``ToolStats``, thread-safe, one process-wide ``STATS``) for
-``/metrics``: attempts, retries by cause, requests rescued by a retry,
-requests failed by final cause.
+Counters (``ToolStats``, thread-safe) for ``/metrics``: attempts, retries by
+cause, and requests by result.
 """
 
 from __future__ import annotations
@@ -47,10 +34,8 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 from squish.tools import validate
-from squish.tools.errors import ToolCallFailed
 from squish.tools.families.base import TaggedFamily
 from squish.tools.registry import to_openai
 from squish.tools.spec import OutputFormat, ToolChoice, ToolSpec
@@ -79,7 +64,7 @@ class ToolStats:
 
     def snapshot(self) -> dict[tuple[str, str], int]:
         """``{(event, cause): count}``; events: ``attempt``, ``retry`` (cause),
-        ``rescued``, ``degraded``, ``failed`` (cause), ``ok``."""
+        ``rescued``, ``degraded``, ``length``, ``failed`` (cause), ``ok``."""
         with self._lock:
             return dict(self._c)
 
@@ -171,19 +156,6 @@ def judge(task: Task, gen) -> tuple[Outcome | None, tuple[str, str] | None]:
     return Outcome(parsed.content or None, to_openai(calls), "tool_calls"), None
 
 
-def _drop_closed_call(task: Task, gen, outcome: Outcome) -> bool:
-    """If the reply held several calls, drop the last (the one closed early) from
-    ``outcome`` and return True: the others are complete and untouched."""
-    if gen.closed_early != "length" or task.fmt is not None or not outcome.tool_calls:
-        return False
-    raw = len(task.family.parse(gen.text).calls)
-    if raw < 2:
-        return False
-    if len(outcome.tool_calls) == raw:  # parallel calls on: all were kept, the last was the cut one
-        outcome.tool_calls = outcome.tool_calls[:-1]
-    return True
-
-
 def called(family: TaggedFamily, text: str) -> bool:
     """Whether ``text`` holds a call attempt: a family marker, or a parseable call."""
     if family.end and family.start in text:
@@ -195,42 +167,3 @@ def correction(messages: list, gen_text: str, task: Task, error: str) -> list:
     return [*messages,
             {"role": "assistant", "content": gen_text},
             {"role": "user", "content": CORRECTION.format(error=error, expected=task.expected())}]
-
-
-async def complete(generate: Callable[[list], Awaitable], messages: list, task: Task, *,
-                   max_attempts: int = DEFAULT_MAX_ATTEMPTS, stats: ToolStats = STATS) -> Outcome:
-    """Generate, validate, and retry with a corrective message, at most ``max_attempts`` times.
-
-    ``generate(messages)`` returns an object with ``text``, ``finish_reason``
-    (``stop`` / ``length``), ``problem`` (None / ``numerical`` / ``repetition``
-    / ``grammar``) and ``constraint_error`` (``reference.Generation`` has them).
-    """
-    if max_attempts < 1:
-        raise ValueError("max_attempts must be at least 1")
-    causes: list[str] = []
-    convo = list(messages)
-    last = ""
-    fallback: Outcome | None = None  # the newest valid reply whose looping value was cut short
-    for attempt in range(1, max_attempts + 1):
-        stats.add("attempt")
-        gen = await generate(convo)
-        outcome, err = judge(task, gen)
-        if err is None and getattr(gen, "closed_early", None) and not _drop_closed_call(task, gen, outcome):
-            fallback, err = outcome, CLOSED_EARLY[gen.closed_early]
-        if err is None:
-            outcome.attempts, outcome.causes = attempt, causes
-            stats.add("rescued" if causes else "ok")
-            return outcome
-        cause, last = err
-        causes.append(cause)
-        if attempt < max_attempts:
-            stats.add("retry", cause)
-            convo = correction(messages, gen.text, task, last)
-    if fallback is not None:
-        fallback.attempts, fallback.causes = max_attempts, causes
-        stats.add("degraded")
-        return fallback
-    stats.add("failed", causes[-1])
-    raise ToolCallFailed(
-        f"the model produced no valid {'JSON output' if task.fmt else 'tool call'} in "
-        f"{max_attempts} attempt(s); last error: {last}", causes)

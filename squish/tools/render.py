@@ -142,11 +142,15 @@ def fallback_messages(messages: list, tools: list[ToolSpec], choice: ToolChoice,
         where = f"messages[{i}]"
         if role == "tool":
             call_id = m.get("tool_call_id")
-            if not isinstance(call_id, str) or call_id not in names:
+            if call_id is None and isinstance(m.get("name"), str) and m["name"] in names.values():
+                name = m["name"]  # answers by function name (Ollama's tool messages carry no id)
+            elif not isinstance(call_id, str) or call_id not in names:
                 raise ToolRequestError(
                     f"{where}.tool_call_id {call_id!r} does not match a tool call of an earlier assistant message",
                     f"{where}.tool_call_id")
-            body = safe_json({"name": names[call_id], "content": _text(m.get("content"), f"{where}.content")})
+            else:
+                name = names[call_id]
+            body = safe_json({"name": name, "content": _text(m.get("content"), f"{where}.content")})
             pending_results.append(f"{RESULTS_OPEN}\n{body}\n{RESULTS_CLOSE}")
             continue
         flush()
@@ -159,8 +163,7 @@ def fallback_messages(messages: list, tools: list[ToolSpec], choice: ToolChoice,
             for j, c in enumerate(m["tool_calls"]):
                 c = _plain(c)
                 name, args = _call_args(c, f"{where}.tool_calls[{j}]")
-                if c.get("id"):
-                    names[c["id"]] = name
+                names[c.get("id") or f"#{len(names)}"] = name
                 blocks.append(family.format_call(name, args))
             content = "\n".join(blocks)
         msg = {"role": role, "content": content}
@@ -177,14 +180,15 @@ def fallback_messages(messages: list, tools: list[ToolSpec], choice: ToolChoice,
 
 
 def encode_chat(tokenizer, messages: list, tools: list[ToolSpec], choice: ToolChoice,
-                family: TaggedFamily) -> list[int]:
-    """Token ids of the chat prompt with tools (native template or fallback)."""
+                family: TaggedFamily, template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of the chat prompt with tools (native template or fallback).
+    ``template_kwargs``: switches the template defines (``enable_thinking``)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ToolRequestError("this model has no chat template, so it cannot take tools or tool messages",
                                "tools")
     from squish.runtime.prompts import PromptError, apply_template
 
-    kwargs = {}
+    kwargs = dict(template_kwargs or {})
     if supports_tools(tokenizer):
         msgs = native_messages(messages)
         if tools:

@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import os
 import re
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,68 +15,10 @@ import httpx
 import openai
 import pytest
 
-KEY = "e2e-key"
-REQUEST_TIMEOUT_S = 120
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving import KEY, REQUEST_TIMEOUT_S, Server  # noqa: E402
+
 FRUITS = [{"role": "user", "content": "List three fruits."}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, artifact: Path, *extra: str, timeout: float = REQUEST_TIMEOUT_S):
-        self.artifact = artifact
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "SQUISH_API_KEY": KEY}
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="squish-serve-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "squish", "serve", str(artifact), "--port", str(self.port),
-             "--request-timeout", str(timeout), *extra],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise AssertionError("server did not become ready:\n" + self.output())
-        self.model = httpx.get(self.url + "/health").json()["model"]
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def client(self, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", KEY), max_retries=0,
-                             timeout=kw.pop("timeout", 60), **kw)
-
-    def metrics(self) -> str:
-        return httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-
-    def healthy(self) -> None:
-        r = httpx.get(self.url + "/health", timeout=10)
-        assert r.status_code == 200 and r.json()["status"] == "ok", r.text
-        assert self.proc.poll() is None
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(20)
-        finally:
-            self.log.close()
-
-    def cleanup(self) -> None:
-        os.unlink(self.log.name)
-
 
 @pytest.fixture(scope="module")
 def artifact(smollm2_artifact) -> Path:
@@ -200,6 +138,26 @@ def test_disconnect_cancels(server):
     else:
         raise AssertionError("generation was not cancelled after the client went away")
     assert httpx.get(server.url + "/health").json()["inflight"] == 0
+    server.healthy()
+
+
+def test_whole_reply_is_cancelled_when_its_client_gives_up(server):
+    # Issue 15: a non-streamed request used to run on after its client left (48 of 48 tokens).
+    before = _metric(server.metrics(), 'squish_completions_total{outcome="cancelled"}')
+    body = {"model": server.model, "messages": FRUITS, "max_tokens": 2000, "temperature": 1.0,
+            "logit_bias": {"2": -100}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body,
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=3)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if _metric(server.metrics(), 'squish_completions_total{outcome="cancelled"}') > before:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the whole reply ran on after its client left")
+    assert httpx.get(server.url + "/health").json()["inflight"] == 0
+    assert 'squish_requests_total{route="/v1/chat/completions",status="499"}' in server.metrics()
     server.healthy()
 
 
@@ -389,17 +347,36 @@ def test_invalid_tool_requests_are_400(server):
     server.healthy()
 
 
+# No reply can satisfy this schema: the grammar engine skips "not", jsonschema does not.
+IMPOSSIBLE = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "required": ["unit"], "additionalProperties": False,
+    "properties": {"unit": {"enum": ["celsius", "fahrenheit"], "not": {"enum": ["celsius", "fahrenheit"]}}}}}}
+
+
 def test_all_retries_failed_is_a_clear_error(server):
     c = _tools_client(server)
-    before = _metric(server.metrics(), 'squish_tool_failures_total{cause="length"}')
-    with pytest.raises(openai.InternalServerError) as exc:  # max_tokens too small for any call
-        c.chat.completions.create(model=server.model, messages=PARIS, tools=[WEATHER], tool_choice="required",
-                                  max_tokens=3, temperature=0)
+    before = _metric(server.metrics(), 'squish_tool_failures_total{cause="schema_error"}')
+    with pytest.raises(openai.InternalServerError) as exc:
+        c.chat.completions.create(model=server.model, messages=PARIS, tools=[IMPOSSIBLE], tool_choice="required",
+                                  parallel_tool_calls=False, max_tokens=60, temperature=0)
     assert exc.value.body["code"] == "tool_call_failed" and "3 attempt" in exc.value.body["message"]
     with pytest.raises(openai.APIError, match="no valid tool call"):
-        list(c.chat.completions.create(model=server.model, messages=PARIS, tools=[WEATHER], tool_choice="required",
-                                       max_tokens=3, temperature=0, stream=True))
+        list(c.chat.completions.create(model=server.model, messages=PARIS, tools=[IMPOSSIBLE],
+                                       tool_choice="required", parallel_tool_calls=False, max_tokens=60,
+                                       temperature=0, stream=True))
     metrics = server.metrics()
-    assert _metric(metrics, 'squish_tool_failures_total{cause="length"}') == before + 2
-    assert _metric(metrics, 'squish_tool_retries_total{cause="length"}') >= 4
+    assert _metric(metrics, 'squish_tool_failures_total{cause="schema_error"}') == before + 2
+    assert _metric(metrics, 'squish_tool_retries_total{cause="schema_error"}') >= 4
+    server.healthy()
+
+
+def test_a_budget_too_small_for_any_call_is_a_400_not_three_attempts(server):
+    c = _tools_client(server)
+    start = time.monotonic()
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model=server.model, messages=PARIS, tools=[WEATHER], tool_choice="required",
+                                  max_tokens=3, temperature=0)
+    assert exc.value.body["code"] == "max_tokens_too_small" and exc.value.body["param"] == "max_tokens"
+    assert "at least" in exc.value.body["message"]
+    assert time.monotonic() - start < 5  # refused up front, nothing generated
     server.healthy()

@@ -11,6 +11,7 @@ Whether a real model gets tool calls right is tested end to end
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -138,19 +139,47 @@ def test_tool_messages_are_accepted(client):
     assert r.status_code == 200, r.text
 
 
+# Grammar engines skip "not" (the reply is still checked with jsonschema): no reply can satisfy this.
+IMPOSSIBLE = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "required": ["unit"], "additionalProperties": False,
+    "properties": {"unit": {"enum": ["c", "f"], "not": {"enum": ["c", "f"]}}}}}}
+WEATHER_CHOICE = {"type": "function", "function": {"name": "weather"}}
+
+
 def test_all_retries_failed_is_a_clear_error(client):
-    before = metric(client, 'squish_tool_failures_total{cause="length"}')
-    r = chat(client, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "weather"}}, max_tokens=2)
+    before = metric(client, 'squish_tool_failures_total{cause="schema_error"}')
+    retries = metric(client, 'squish_tool_retries_total{cause="schema_error"}')
+    r = chat(client, tools=[IMPOSSIBLE], tool_choice=WEATHER_CHOICE, parallel_tool_calls=False)
     assert r.status_code == 500, r.text
     err = r.json()["error"]
     assert err["code"] == "tool_call_failed" and "3 attempt" in err["message"]
     assert r.headers["x-should-retry"] == "false"  # the server already retried
-    assert metric(client, 'squish_tool_failures_total{cause="length"}') == before + 1
-    assert metric(client, 'squish_tool_retries_total{cause="length"}') >= 2
-    chunks, done = sse_chunks(client, tools=TOOLS, tool_choice="required", max_tokens=2)
+    assert metric(client, 'squish_tool_failures_total{cause="schema_error"}') == before + 1
+    assert metric(client, 'squish_tool_retries_total{cause="schema_error"}') == retries + 2
+    chunks, done = sse_chunks(client, tools=[IMPOSSIBLE], tool_choice="required", parallel_tool_calls=False)
     assert not done and chunks[-1]["error"]["code"] == "tool_call_failed"
     assert not any(ch.get("choices") and ch["choices"][0]["delta"].get("tool_calls") for ch in chunks)
     assert client.get("/health").json()["status"] == "ok"
+
+
+def test_a_budget_below_the_shortest_call_is_400_naming_the_minimum(client):
+    # Issue 15: max_tokens 4 used to burn three attempts (~18 s) and end in a 500.
+    r = chat(client, tools=TOOLS, tool_choice=WEATHER_CHOICE, max_tokens=2)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == ("max_tokens", "max_tokens_too_small")
+    need = int(re.search(r"at least (\d+)", err["message"]).group(1))
+    assert need > 2
+    # At the minimum the reply is a valid call or ends as "length": never a 500, one attempt.
+    attempts = metric(client, "squish_tool_attempts_total")
+    r = chat(client, tools=TOOLS, tool_choice=WEATHER_CHOICE, max_tokens=need, parallel_tool_calls=False)
+    assert r.status_code == 200, r.text
+    c = r.json()["choices"][0]
+    assert c["finish_reason"] in ("tool_calls", "length")
+    for call in c["message"].get("tool_calls") or ():
+        jsonschema.validate(json.loads(call["function"]["arguments"]), UNIT)
+    if c["finish_reason"] == "length":
+        assert metric(client, "squish_tool_attempts_total") == attempts + 1
 
 
 @pytest.mark.parametrize("extra,param", [

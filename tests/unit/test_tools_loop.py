@@ -1,12 +1,20 @@
-"""The corrective-retry loop, with scripted generations (no model)."""
+"""The attempt loop of the serving core, with scripted generations (no model).
+
+Each scripted attempt is the engine's events for one request: the reply text as one
+``Delta``, then its ``Finish`` (or an ``Error``). The loop's output is collected as a
+whole reply would be (``events.collect``); ``run`` also returns the events themselves.
+"""
 
 import asyncio
 import json
 
 import pytest
 
+from squish.runtime import engine as eng
+from squish.serving.attempts import run_attempts
+from squish.serving.errors import ServeError
+from squish.serving.events import Restart, TextDelta, ToolCall, collect
 from squish.tools import loop, registry, spec
-from squish.tools.errors import ToolCallFailed
 from squish.tools.reference import Generation
 
 FAM = registry.by_name("smollm2")
@@ -29,18 +37,47 @@ def scripted(*gens):
     async def generate(messages):
         seen.append(messages)
         g = gens[len(seen) - 1]
-        return g if isinstance(g, Generation) else Generation(g, "stop")
+        g = g if isinstance(g, Generation) else Generation(g, "stop")
+        if g.text:
+            yield eng.Delta(g.text)
+        if g.problem == "numerical":
+            yield eng.Error("numerical", "NaN")
+            return
+        yield eng.Finish(g.finish_reason, 5, len(g.text), 0, g.problem, g.constraint_error, g.closed_early)
 
     return generate, seen
+
+
+class Out:
+    """A collected reply, with what the loop's counters and events said."""
+
+    def __init__(self, reply, events):
+        self.reply, self.events = reply, events
+        self.content = reply.content or None
+        self.finish_reason = reply.finish_reason
+        self.tool_calls = [{"function": {"name": c.name, "arguments": c.arguments}} for c in reply.tool_calls]
+        self.causes = [e.cause for e in events if isinstance(e, Restart)]
+        self.degraded = reply.done.degraded
 
 
 def run(task, *gens, attempts=3):
     stats = loop.ToolStats()
     generate, seen = scripted(*gens)
+    events = []
+
+    async def go():
+        async def tee():
+            async for ev in run_attempts(generate, MSGS, task, max_attempts=attempts, stats=stats):
+                events.append(ev)
+                yield ev
+        return await collect(tee())
+
     try:
-        return asyncio.run(loop.complete(generate, MSGS, task, max_attempts=attempts, stats=stats)), seen, stats
-    except ToolCallFailed as exc:
+        out = Out(asyncio.run(go()), events)
+    except ServeError as exc:
         return exc, seen, stats
+    out.attempts = stats.snapshot().get(("attempt", ""), 0)
+    return out, seen, stats
 
 
 def task(mode="required", name=None, **kw):
@@ -70,8 +107,8 @@ def test_all_attempts_fail_raises_clear_error():
     rep = Generation("again again", "length", problem="repetition")
     nan = Generation("", "stop", problem="numerical")
     exc, seen, stats = run(task(), bad, rep, nan)
-    assert isinstance(exc, ToolCallFailed) and exc.status == 500 and exc.code == "tool_call_failed"
-    assert exc.attempts == ["parse_error", "repetition", "numerical"]
+    assert isinstance(exc, ServeError) and exc.status == 500 and exc.code == "tool_call_failed"
+    assert exc.causes == ["parse_error", "repetition", "numerical"]
     assert "3 attempt(s)" in str(exc) and "NaN/Inf" in str(exc)
     snap = stats.snapshot()
     assert snap[("failed", "numerical")] == 1 and snap[("retry", "parse_error")] == 1
@@ -85,7 +122,7 @@ def test_all_attempts_fail_raises_clear_error():
 ])
 def test_failures_by_cause(text, cause):
     exc, _, _ = run(task("function", "add"), text, attempts=1)
-    assert isinstance(exc, ToolCallFailed) and exc.attempts == [cause]
+    assert isinstance(exc, ServeError) and exc.causes == [cause]
 
 
 def test_auto_allows_text_and_parallel_false_keeps_first_call():
@@ -98,9 +135,12 @@ def test_auto_allows_text_and_parallel_false_keeps_first_call():
     assert [c["function"]["name"] for c in out.tool_calls] == ["now", "add"]
 
 
-def test_length_mid_call_is_a_failure():
-    exc, _, _ = run(task(), Generation('<tool_call>\n{"name": "add", "argu', "length"), attempts=1)
-    assert exc.attempts == ["length"]
+def test_length_mid_call_ends_as_length_without_a_retry():
+    # The constraint could not close the call within max_tokens: the same budget would end the
+    # same way, so the reply ends as "length" (as OpenAI ends one), not in three attempts and a 500.
+    out, seen, stats = run(task(), Generation('<tool_call>\n{"name": "add", "argu', "length"))
+    assert (out.finish_reason, out.tool_calls, len(seen)) == ("length", [], 1)
+    assert stats.snapshot()[("length", "")] == 1 and ("failed", "length") not in stats.snapshot()
 
 
 def test_json_schema_output():
@@ -108,28 +148,28 @@ def test_json_schema_output():
         "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}})
     t = loop.Task(FAM, fmt=fmt)
     out, seen, _ = run(t, '{"n": "x"}', ' {"n": 4} ')
-    assert out.value == {"n": 4} and out.content == '{"n": 4}' and out.causes == ["schema_error"]
+    assert json.loads(out.content) == {"n": 4} and out.content == '{"n": 4}' and out.causes == ["schema_error"]
     assert "matches the schema" in seen[1][2]["content"]
     exc, _, _ = run(loop.Task(FAM, fmt=spec.OutputFormat("json_object")), "[1, 2]", "nope", '{"a": 1',
                     attempts=3)
-    assert exc.attempts == ["schema_error", "parse_error", "parse_error"]
+    assert exc.causes == ["schema_error", "parse_error", "parse_error"]
 
 
 def test_max_attempts_must_be_positive():
     with pytest.raises(ValueError):
-        asyncio.run(loop.complete(scripted("x")[0], MSGS, task(), max_attempts=0))
+        asyncio.run(collect(run_attempts(scripted("x")[0], MSGS, task(), max_attempts=0)))
 
 
 def test_none_refuses_a_call_and_a_cut_last_parallel_call_is_dropped():
     exc, _, stats = run(task("none"), call("add", {"a": 1, "b": 2}), attempts=1)
-    assert isinstance(exc, ToolCallFailed) and exc.attempts == [loop.CALL_NOT_ALLOWED]
+    assert isinstance(exc, ServeError) and exc.causes == [loop.CALL_NOT_ALLOWED]
     out, _, _ = run(task("none"), "Five.")
     assert out.content == "Five." and not out.tool_calls
     two = call("add", {"a": 1, "b": 2}) + "\n" + '<tool_call>\n{"name": "add", "argu'
     out, _, _ = run(task(), Generation(two, "length"))
     assert out.finish_reason == "tool_calls" and len(out.tool_calls) == 1
-    exc, _, _ = run(task(), Generation("", "length"), attempts=1)  # required, nothing complete
-    assert exc.attempts == ["length"]
+    out, seen, _ = run(task(), Generation("", "length"))  # required, nothing complete: no retry
+    assert (out.finish_reason, out.tool_calls, len(seen)) == ("length", [], 1)
 
 
 def looped(text):
@@ -149,7 +189,7 @@ def test_a_closed_loop_is_retried_and_a_clean_retry_wins():
 def test_a_closed_loop_is_returned_when_no_attempt_does_better():
     first = call("add", {"a": 2, "b": 33333})
     out, _, stats = run(task(), looped(first), "no call at all", looped(call("add", {"a": 2, "b": 4444})))
-    assert not isinstance(out, ToolCallFailed)
+    assert not isinstance(out, ServeError)
     assert out.attempts == 3 and out.causes == ["repetition", "no_call", "repetition"]
     assert json.loads(out.tool_calls[0]["function"]["arguments"]) == {"a": 2, "b": 4444}
     snap = stats.snapshot()
@@ -158,7 +198,7 @@ def test_a_closed_loop_is_returned_when_no_attempt_does_better():
 
 def test_a_closed_loop_that_is_invalid_still_fails():
     out, _, stats = run(task(), looped("<tool_call>{\"name\": \"add\""), "nope", "nope")
-    assert isinstance(out, ToolCallFailed)
+    assert isinstance(out, ServeError)
     assert ("degraded", "") not in stats.snapshot()
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from squish.tools import spec, validate
-from squish.tools.errors import ToolCallFailed, ToolRequestError
+from squish.tools.errors import ToolRequestError
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
@@ -91,8 +91,3 @@ def test_validate_json_output_strict():
     _, err = validate.check_json_output('{"n": "3"}', schema)
     assert err[0] == validate.SCHEMA and "$.n" in err[1]
     assert validate.check_json_output("[1]", None)[1][0] == validate.SCHEMA
-
-
-def test_tool_call_failed_carries_http_mapping():
-    e = ToolCallFailed("nope", ["schema_error"])
-    assert (e.status, e.code, e.attempts) == (500, "tool_call_failed", ["schema_error"])

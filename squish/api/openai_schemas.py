@@ -1,58 +1,38 @@
-"""OpenAI request bodies as pydantic models, validated before any tokenization.
+"""OpenAI Chat Completions / Completions request bodies as pydantic models.
 
-Unknown fields are rejected (``extra="forbid"``) rather than ignored, and known
-OpenAI fields whose feature Squish does not implement are accepted only at the
-value that means "off" (``n=1``, ...); anything else is a 400
-naming the parameter. Type/range problems are 422. ``squish.api.errors`` maps
-pydantic's errors onto those codes.
+Validated before any tokenization. Unknown fields are rejected
+(``extra="forbid"``) rather than ignored; known OpenAI fields whose feature
+Squish does not implement are accepted only at the value that means "off"
+(``n=1``, ...), anything else is a 400 naming the parameter. Bookkeeping
+fields that cannot change the output (``user``, ``metadata``, ``store``,
+``safety_identifier``, ``prompt_cache_key``, ``service_tier`` auto/default)
+are accepted and have no effect (docs/api.md). Types are strict (``"8"`` is
+not a number). Type/range problems are 422. ``squish.api.errors`` maps
+pydantic's errors onto those codes. ``to_job`` gives the core's request.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from squish.runtime.sampling import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SamplingParams
+from squish.api.common import UnsupportedParameter
+from squish.runtime.sampling import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, SamplingParams
+from squish.serving.request import Job, Message, Reasoning, ToolCallPart, check_text
+from squish.tools import spec
 
-# C0 controls other than tab/newline/carriage return, DEL, and lone surrogates
-# (which JSON can encode as \ud800 but UTF-8 cannot).
-_BAD_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
-
-
-class Limits(BaseModel):
-    """Caps applied to every request (set from ``squish serve`` options)."""
-
-    max_messages: int = 256
-    max_content_chars: int = 100_000
-    max_tokens: int = 4096
-
-
-class UnsupportedParameter(ValueError):
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
-
-
-def check_text(value: str, where: str) -> str:
-    m = _BAD_CHARS.search(value)
-    if m:
-        raise ValueError(
-            f"{where} contains an invalid character U+{ord(m.group()):04X}; "
-            "control characters and unpaired surrogates are not accepted"
-        )
-    return value
+STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     include_usage: bool = False
 
 
@@ -60,7 +40,7 @@ NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     name: str = Field(min_length=1, max_length=64)
     arguments: str
 
@@ -68,7 +48,7 @@ class FunctionCall(BaseModel):
 class ToolCall(BaseModel):
     """An assistant message's ``tool_calls`` entry (as a client sends it back)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     id: str = Field(min_length=1, max_length=256)
     type: Literal["function"] = "function"
     function: FunctionCall
@@ -84,15 +64,21 @@ class ChatMessage(BaseModel):
     (then ``content`` may be null); ``tool`` messages need ``tool_call_id``.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
+    # An earlier reply's reasoning, as clients of reasoning models send it back (an extension);
+    # the chat template shows it if it uses it.
+    reasoning_content: str | None = None
 
     @model_validator(mode="after")
     def _shape(self):
+        if self.reasoning_content is not None and self.role != "assistant":
+            raise UnsupportedParameter("messages.reasoning_content", "only assistant messages may carry "
+                                       "reasoning_content")
         if self.tool_calls is not None and self.role != "assistant":
             raise UnsupportedParameter("messages.tool_calls", "only assistant messages may carry tool_calls")
         if self.role == "tool":
@@ -115,23 +101,12 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(p.text for p in self.content)
 
-    def client_strings(self) -> list[str]:
-        """Every string of the message that is checked for size and characters."""
-        out = [self.text()]
-        for c in self.tool_calls or ():
-            out += [c.function.name, c.function.arguments]
-        return out
-
-    def template_dict(self) -> dict:
-        """The message as chat templates (and ``squish.tools.render``) take it."""
-        d: dict = {"role": self.role, "content": None if self.content is None else self.text()}
-        if self.name is not None:
-            d["name"] = self.name
-        if self.tool_calls:
-            d["tool_calls"] = [c.model_dump() for c in self.tool_calls]
-        if self.tool_call_id is not None:
-            d["tool_call_id"] = self.tool_call_id
-        return d
+    def to_message(self) -> Message:
+        """The core's message (``developer`` is the system role of newer OpenAI models)."""
+        role = "system" if self.role == "developer" else self.role
+        calls = [ToolCallPart(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ()]
+        return Message(role, None if self.content is None else self.text(), name=self.name, tool_calls=calls,
+                       tool_call_id=self.tool_call_id, reasoning=self.reasoning_content)
 
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -139,7 +114,7 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -147,7 +122,7 @@ class _Common(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
     min_p: Probability = 0.0
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(default=1.0, ge=MIN_REPETITION_PENALTY, le=10.0)
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
@@ -156,7 +131,13 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
+    # Bookkeeping: accepted, no effect on the output (docs/api.md).
     user: str | None = Field(default=None, max_length=256)
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    safety_identifier: str | None = Field(default=None, max_length=256)
+    prompt_cache_key: str | None = Field(default=None, max_length=256)
+    service_tier: Literal["auto", "default"] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -199,9 +180,9 @@ class _Common(BaseModel):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
-    def sampling(self, max_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
+    def sampling(self, logprobs: bool, top_logprobs: int) -> SamplingParams:
+        """Sampling parameters (``max_tokens`` is filled in by the core)."""
         return SamplingParams(
-            max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
@@ -227,6 +208,10 @@ class ChatRequest(_Common):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    # Reasoning models: "none" switches the thinking section off, any other effort on (the
+    # chat templates Squish serves have an on/off switch only; docs/api.md).
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _chat_unsupported(self):
@@ -249,10 +234,43 @@ class ChatRequest(_Common):
                 raise UnsupportedParameter(
                     "max_completion_tokens", "max_tokens and max_completion_tokens disagree; send one"
                 )
+        for key, value in (self.chat_template_kwargs or {}).items():
+            if key != "enable_thinking":
+                raise UnsupportedParameter(
+                    "chat_template_kwargs", f"chat_template_kwargs.{key} is not supported: only "
+                    "enable_thinking (a boolean) may be set; the rest of the template is the model's")
+            if not isinstance(value, bool):
+                raise UnsupportedParameter("chat_template_kwargs", "chat_template_kwargs.enable_thinking "
+                                           "must be a boolean")
+        if self.reasoning_effort is not None and self.chat_template_kwargs:
+            want = self.reasoning_effort != "none"
+            if self.chat_template_kwargs.get("enable_thinking", want) != want:
+                raise UnsupportedParameter("reasoning_effort", "reasoning_effort and "
+                                           "chat_template_kwargs.enable_thinking disagree; send one")
         return self
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def reasoning(self) -> Reasoning:
+        if self.reasoning_effort is not None:
+            return Reasoning(self.reasoning_effort != "none", param="reasoning_effort")
+        if self.chat_template_kwargs and "enable_thinking" in self.chat_template_kwargs:
+            return Reasoning(self.chat_template_kwargs["enable_thinking"], param="chat_template_kwargs")
+        return Reasoning()
+
+    def to_job(self) -> Job:
+        """The core's request (``ToolRequestError`` for bad tools / tool_choice / response_format)."""
+        tools = spec.parse_tools(self.tools)
+        choice = spec.parse_tool_choice(self.tool_choice, tools) if self.tool_choice is not None else None
+        return Job(
+            route="chat", model=self.model, messages=[m.to_message() for m in self.messages],
+            tools=tools, tool_choice=choice, parallel_tool_calls=self.parallel_tool_calls is not False,
+            output=spec.parse_response_format(self.response_format),
+            sampling=self.sampling(self.logprobs, self.top_logprobs or 0),
+            max_tokens=self.requested_max_tokens(), reasoning=self.reasoning(),
+            max_tokens_param="max_completion_tokens" if self.max_completion_tokens else "max_tokens",
+        )
 
 
 class CompletionRequest(_Common):
@@ -281,29 +299,8 @@ class CompletionRequest(_Common):
         # The legacy completions API defaults max_tokens to 16.
         return self.max_tokens if self.max_tokens is not None else 16
 
-
-def check_limits(req: _Common, limits: Limits) -> None:
-    """Size caps and character checks (raises ValueError with a user message)."""
-    if isinstance(req, ChatRequest):
-        if len(req.messages) > limits.max_messages:
-            raise ValueError(f"too many messages: {len(req.messages)} > {limits.max_messages}")
-        total = 0
-        for i, m in enumerate(req.messages):
-            for text in m.client_strings():
-                check_text(text, f"messages[{i}]")
-                total += len(text)
-        if total > limits.max_content_chars:
-            raise ValueError(f"messages are too long: {total} characters > {limits.max_content_chars}")
-    else:
-        p = req.prompt
-        if isinstance(p, list) and p and isinstance(p[0], str):
-            p = p[0]
-        if isinstance(p, str):
-            check_text(p, "prompt")
-            if len(p) > limits.max_content_chars:
-                raise ValueError(f"prompt is too long: {len(p)} characters > {limits.max_content_chars}")
-        elif len(p) > limits.max_content_chars:
-            raise ValueError(f"prompt is too long: {len(p)} tokens")
-    mt = req.requested_max_tokens()
-    if mt is not None and mt > limits.max_tokens:
-        raise ValueError(f"max_tokens {mt} exceeds this server's cap of {limits.max_tokens}")
+    def to_job(self) -> Job:
+        prompt = self.prompt[0] if isinstance(self.prompt, list) and isinstance(self.prompt[0], str) else self.prompt
+        return Job(route="completions", model=self.model, prompt=prompt,
+                   sampling=self.sampling(self.logprobs is not None, self.logprobs or 0),
+                   max_tokens=self.requested_max_tokens())
