@@ -113,6 +113,10 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     path = resolve_or_build(args, args.dry_run)  # InputError -> exit 1 via squish.cli.main
+    if path is not None:  # the artifact's cheap checks (files, sizes, headers) before binding a port
+        from squish.artifact import check_files, read_manifest
+
+        check_files(path, read_manifest(path))  # InputError -> exit 1, a message and no traceback
 
     from squish.api.app import create_app
     from squish.api.metrics import Metrics
@@ -163,7 +167,7 @@ def _serve(app, engine, settings, url: str, quiet: bool) -> int:
             pass
         if engine.failed.is_set():
             print(f"error: {engine.load_error}", file=sys.stderr)
-            outcome["code"] = 2
+            outcome["code"] = engine.load_exit_code
             server.should_exit = True
         elif engine.ready.is_set() and not quiet:
             print(_banner(url, engine.model_info.name, settings.api_key), flush=True)

@@ -51,6 +51,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from squish.errors import InputError
 from squish.hardware import release_free_heap
 from squish.runtime.detokenizer import TextStream, detect_loop
 from squish.runtime.sampling import SamplingParams
@@ -168,6 +169,7 @@ class Engine:
         self.ready = threading.Event()
         self.failed = threading.Event()
         self.load_error: str | None = None
+        self.load_exit_code = 2  # 1 when the model itself is at fault (squish.errors.InputError)
         self.model_info: Any = None
         self._thread = threading.Thread(target=self._main, name="squish-engine", daemon=True)
 
@@ -204,6 +206,11 @@ class Engine:
         try:
             self.model_info = self._load()
             self._setup()
+        except InputError as exc:  # a bad artifact: the message says what is wrong, no traceback
+            log.error("model failed to load: %s", exc)
+            self.load_error, self.load_exit_code = f"model failed to load: {exc}", exc.exit_code
+            self.failed.set()
+            return
         except Exception as exc:  # noqa: BLE001 - reported via /health and logs
             log.exception("model failed to load")
             self.load_error = f"model failed to load: {exc}"

@@ -19,6 +19,10 @@ from squish.tools.errors import ToolRequestError
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_TOOLS = 128
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
+# Bounds on one schema, checked before anything recursive (jsonschema, the grammar compiler)
+# walks it: 64 nested objects/arrays is ~30 levels of schema nesting, far beyond any tool's.
+MAX_SCHEMA_DEPTH = 64
+MAX_SCHEMA_NODES = 20_000
 
 
 @dataclass(frozen=True)
@@ -52,12 +56,30 @@ class OutputFormat:
     strict: bool = False
 
 
+def _check_size(schema: Any, param: str) -> None:
+    """Depth and node count of a JSON value, walked without recursion."""
+    stack = [(schema, 1)]
+    nodes = 0
+    while stack:
+        obj, depth = stack.pop()
+        nodes += 1
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ToolRequestError(f"{param} is nested more than {MAX_SCHEMA_DEPTH} levels deep", param)
+        if nodes > MAX_SCHEMA_NODES:
+            raise ToolRequestError(f"{param} has more than {MAX_SCHEMA_NODES} values; send a smaller schema", param)
+        if isinstance(obj, dict):
+            stack.extend((v, depth + 1) for v in obj.values())
+        elif isinstance(obj, list):
+            stack.extend((v, depth + 1) for v in obj)
+
+
 def check_schema(schema: Any, param: str) -> dict:
-    """Raise ``ToolRequestError`` unless ``schema`` is a valid JSON Schema object."""
+    """Raise ``ToolRequestError`` unless ``schema`` is a valid JSON Schema object of bounded size."""
     import jsonschema
 
     if not isinstance(schema, dict):
         raise ToolRequestError(f"{param} must be a JSON Schema object, got {type(schema).__name__}", param)
+    _check_size(schema, param)
     try:
         cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
         cls.check_schema(schema)
@@ -109,7 +131,10 @@ def parse_tools(tools: list | None) -> list[ToolSpec]:
         desc = fn.get("description") or ""
         if not isinstance(desc, str):
             raise ToolRequestError(f"{param}.function.description must be a string", f"{param}.function.description")
-        out.append(ToolSpec(name, desc, params, bool(fn.get("strict", False))))
+        strict = fn.get("strict", False)
+        if not isinstance(strict, bool):
+            raise ToolRequestError(f"{param}.function.strict must be a boolean", f"{param}.function.strict")
+        out.append(ToolSpec(name, desc, close_objects(params) if strict else params, strict))
     return out
 
 
@@ -165,10 +190,43 @@ def parse_response_format(fmt: Any) -> OutputFormat | None:
             raise ToolRequestError("response_format.json_schema.schema is required",
                                    "response_format.json_schema.schema")
         check_schema(schema, "response_format.json_schema.schema")
-        return OutputFormat("json_schema", schema, name, bool(js.get("strict", False)))
+        strict = js.get("strict", False)
+        if not isinstance(strict, bool):
+            raise ToolRequestError("response_format.json_schema.strict must be a boolean",
+                                   "response_format.json_schema.strict")
+        return OutputFormat("json_schema", close_objects(schema) if strict else schema, name, strict)
     raise ToolRequestError(
         f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}", "response_format.type"
     )
+
+
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_ONE = ("items", "additionalItems", "contains", "not", "if", "then", "else")
+
+
+def close_objects(schema: Any) -> Any:
+    """``strict`` mode, as OpenAI's: every object schema that does not say otherwise admits
+    no properties beyond its ``properties`` (``additionalProperties: false``). A copy; the
+    schema's size was bounded by ``check_schema``."""
+    if isinstance(schema, list):
+        return [close_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: close_objects(v) for k, v in out[key].items()}
+    for key in _SUBSCHEMA_LISTS + _SUBSCHEMA_ONE:
+        if key in out:
+            out[key] = close_objects(out[key])
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = close_objects(out["additionalProperties"])
+    is_object = out.get("type") == "object" or (isinstance(out.get("type"), list) and "object" in out["type"]) \
+        or "properties" in out
+    if is_object and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def call_schema(tool: ToolSpec, args_key: str = "arguments") -> dict:
