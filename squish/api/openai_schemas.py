@@ -31,6 +31,16 @@ class TextPart(BaseModel):
     text: str
 
 
+def _text_parts(value):
+    """Content parts other than text (images, audio, files) are a 400, not a type error."""
+    if isinstance(value, list):
+        for p in value:
+            if isinstance(p, dict) and p.get("type") not in (None, "text"):
+                raise UnsupportedParameter("messages.content", f"content parts of type {p.get('type')!r} are "
+                                           "not supported: this server's models read text only")
+    return value
+
+
 class StreamOptions(BaseModel):
     model_config = STRICT
     include_usage: bool = False
@@ -73,6 +83,8 @@ class ChatMessage(BaseModel):
     # An earlier reply's reasoning, as clients of reasoning models send it back (an extension);
     # the chat template shows it if it uses it.
     reasoning_content: str | None = None
+
+    _parts = field_validator("content", mode="before")(_text_parts)
 
     @model_validator(mode="after")
     def _shape(self):
