@@ -322,19 +322,31 @@ def main() -> None:
 
 
 async def _served(loop, task, msgs, generate_one, args):
-    """The retry loop around ``generate_one(convo)``: what the server would return."""
+    """The serving core's attempt loop around ``generate_one(convo)``: what the server would return."""
+    from squish.serving.attempts import run_attempts
+    from squish.serving.events import Restart, collect
+    from squish.tools.reference import engine_events
+
     gens = []
+    events = []
 
     async def generate(convo):
         gens.append(generate_one(convo))
-        return gens[-1]
+        for ev in engine_events(gens[-1]):
+            yield ev
 
+    async def tee():
+        async for ev in run_attempts(generate, msgs, task, max_attempts=args.attempts, stats=loop.ToolStats()):
+            events.append(ev)
+            yield ev
+
+    causes = lambda: [e.cause for e in events if isinstance(e, Restart)]  # noqa: E731
     try:
-        out = await loop.complete(generate, msgs, task, max_attempts=args.attempts, stats=loop.ToolStats())
-        res = {"valid": True, "attempts": out.attempts, "causes": out.causes,
-               "degraded": out.degraded}
-    except Exception as exc:  # ToolCallFailed
-        res = {"valid": False, "error": str(exc), "causes": getattr(exc, "attempts", []), "degraded": False}
+        reply = await collect(tee())
+        res = {"valid": reply.finish_reason != "length", "attempts": len(gens), "causes": causes(),
+               "degraded": bool(reply.done.degraded)}
+    except Exception as exc:  # noqa: BLE001 - ServeError tool_call_failed: every attempt failed
+        res = {"valid": False, "error": str(exc), "causes": getattr(exc, "causes", causes()), "degraded": False}
     first = gens[0]
     ok, err = loop.judge(task, first)
     # first attempt = what the server would have returned after one generation (a budget close

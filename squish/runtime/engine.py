@@ -80,6 +80,7 @@ class TokenLogprob:
 class Delta:
     text: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    tokens: int = 1  # generated tokens this text came from
 
 
 @dataclass
@@ -142,6 +143,7 @@ class _Active:
     last_at: float | None = None
     processor: Any = None  # the constraint's processor, to read its ``error``
     problem: str | None = None
+    unsent: int = 0  # tokens whose text is still held back (no Delta sent for them yet)
 
 
 class Engine:
@@ -393,7 +395,8 @@ class Engine:
                 continue
             st.generated.append(r.token)
             text = st.stream.push(r.token)
-            delta = Delta(text, self._logprobs(st, r, lp))
+            st.unsent += 1
+            delta = Delta(text, self._logprobs(st, r, lp), st.unsent)
             if st.stream.stopped:
                 self._finish(st, "stop", text, remove=not done, cache=(r.prompt_cache, r.all_tokens), delta=delta)
             elif done:
@@ -457,6 +460,10 @@ class Engine:
         self._put(req, final)
 
     def _put(self, req: Request, event) -> None:
+        if isinstance(event, Delta):
+            st = self._active.get(self._by_rid.get(req.rid, -1))
+            if st is not None:
+                st.unsent = 0
         try:
             req.loop.call_soon_threadsafe(req.events.put_nowait, event)
         except RuntimeError:  # the event loop is gone (server shutting down)

@@ -2,8 +2,10 @@
 
 For benchmarks and tests of the tool layer outside the server (the server
 runs the engine's batched loop and plugs the same processors into it). It
-reports what the retry loop needs: the text, why generation ended, and a
-``problem`` (NaN/Inf logits, a repetition loop) that counts as a failure.
+reports what the attempt loop needs: the text, why generation ended, and a
+``problem`` (NaN/Inf logits, a repetition loop) that counts as a failure;
+``engine_events`` turns that into the engine's events, which the serving
+core's attempt loop (``squish.serving.attempts``) consumes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ class Generation:
     seconds: float = 0.0  # decode time after the first token
     constraint_error: str | None = None
     closed_early: str | None = None  # the constraint closed a value early: "repetition" / "length"
+
+
+def engine_events(g: Generation) -> list:
+    """``g`` as the engine reports a request (its text as one ``Delta``, then its ``Finish``, or an
+    ``Error`` for NaN/Inf logits), for the serving core's attempt loop outside the server."""
+    from squish.runtime import engine as eng
+
+    events: list = [eng.Delta(g.text, tokens=max(1, g.tokens))] if g.text else []
+    if g.problem == "numerical":
+        return events + [eng.Error("numerical", "the model produced NaN/Inf logits")]
+    return events + [eng.Finish(g.finish_reason, 0, g.tokens, 0, g.problem, g.constraint_error, g.closed_early)]
 
 
 def load_reference(gguf: Path, workdir: Path):

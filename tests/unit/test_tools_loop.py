@@ -10,12 +10,11 @@ import json
 
 import pytest
 
-from squish.runtime import engine as eng
 from squish.serving.attempts import run_attempts
 from squish.serving.errors import ServeError
 from squish.serving.events import Restart, TextDelta, ToolCall, collect
 from squish.tools import loop, registry, spec
-from squish.tools.reference import Generation
+from squish.tools.reference import Generation, engine_events
 
 FAM = registry.by_name("smollm2")
 TOOLS = spec.parse_tools([
@@ -37,13 +36,8 @@ def scripted(*gens):
     async def generate(messages):
         seen.append(messages)
         g = gens[len(seen) - 1]
-        g = g if isinstance(g, Generation) else Generation(g, "stop")
-        if g.text:
-            yield eng.Delta(g.text)
-        if g.problem == "numerical":
-            yield eng.Error("numerical", "NaN")
-            return
-        yield eng.Finish(g.finish_reason, 5, len(g.text), 0, g.problem, g.constraint_error, g.closed_early)
+        for ev in engine_events(g if isinstance(g, Generation) else Generation(g, "stop")):
+            yield ev
 
     return generate, seen
 
