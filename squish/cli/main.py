@@ -124,8 +124,9 @@ def _catalog_table(args) -> int:
 
 
 def _register_rm(sub) -> None:
-    p = _add(sub, "rm", "remove a local artifact", "  squish rm smollm2-135m-4bit\n")
-    p.add_argument("name", help="artifact name as `squish models` lists it")
+    p = _add(sub, "rm", "remove a local model",
+             "  squish rm smollm2-135m-4bit\n  squish rm mlx-community/Qwen3-8B-4bit\n")
+    p.add_argument("name", help="model name as `squish models` lists it, or the hub id it was pulled with")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(handler=_rm)
 

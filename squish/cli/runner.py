@@ -52,7 +52,7 @@ def zero_config_choice():
     from squish.hardware import default_build_dtype, total_memory_bytes
     from squish.models import choose_default
 
-    return choose_default(total_memory_bytes(), hub.reachable, has_token=_has_hub_token(),
+    return choose_default(total_memory_bytes(), hub.reachable, has_token=_has_hub_token,
                           dtype_bytes=4 if default_build_dtype() == "float32" else 2)
 
 

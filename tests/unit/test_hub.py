@@ -20,7 +20,8 @@ from squish.errors import InputError, SystemFailure
 
 REPO = "mlx-community/Tiny-4bit"
 CONFIG = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-          "intermediate_size": 128, "rms_norm_eps": 1e-5, "vocab_size": 64}
+          "intermediate_size": 128, "rms_norm_eps": 1e-5, "vocab_size": 64,
+          "quantization": {"bits": 4, "group_size": 64}}
 FILES = {"config.json": json.dumps(CONFIG).encode(), "model.safetensors": b"\0" * 4096,
          "tokenizer.json": b"{}", "tokenizer_config.json": b"{}", "README.md": b"# card",
          "consolidated.safetensors": b"\0" * 8192, "original/params.json": b"{}"}
@@ -75,6 +76,11 @@ def test_pull_downloads_what_mlx_lm_needs_and_renames_when_complete(monkeypatch)
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda *a, **k: pytest.fail("asked the hub"))
     assert hub.pull(REPO, quiet=True) == path
     assert "consolidated.safetensors" not in fake.fetched
+    from squish.models import list_local, remove_model, resolve_model
+
+    assert resolve_model(REPO) == path and [m.name for m in list_local()] == [path.name]
+    assert list_local()[0].bits == 4 and list_local()[0].verdict == "no report"  # from config.json
+    assert remove_model(REPO) == path.resolve() and not path.exists()
 
 
 def test_interrupted_pull_stays_hidden_and_resumes(monkeypatch, capsys):

