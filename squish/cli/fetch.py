@@ -47,12 +47,6 @@ def _size(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
-def _dtype_bytes() -> int:
-    from squish.hardware import default_build_dtype
-
-    return 4 if default_build_dtype() == "float32" else 2
-
-
 def build_plan(entry: catalog.CatalogEntry, *, dtype_bytes: int, cores: int) -> tuple[str, int]:
     """(the line printed before a build, the disk bytes it needs)."""
     download = catalog.source_bytes(entry)
@@ -86,10 +80,10 @@ def build_catalog(entry: catalog.CatalogEntry, *, quiet: bool) -> Path:
     import psutil
 
     from squish.config import models_dir
-    from squish.hardware import free_disk_bytes
+    from squish.hardware import default_dtype_bytes, free_disk_bytes
     from squish.quant.pipeline import BuildOptions, build
 
-    line, disk = build_plan(entry, dtype_bytes=_dtype_bytes(), cores=psutil.cpu_count() or 1)
+    line, disk = build_plan(entry, dtype_bytes=default_dtype_bytes(), cores=psutil.cpu_count() or 1)
     free = free_disk_bytes(models_dir())
     if free < disk:
         raise SystemFailure(f"not enough disk space at {models_dir()} to build {entry.name}: it needs "

@@ -49,11 +49,11 @@ def zero_config_choice():
     """``choose_default`` for this machine: its total memory, its build dtype, a bounded check
     that the hub answers (made only when no local model fits) and whether a hub token is set."""
     from squish import hub
-    from squish.hardware import default_build_dtype, total_memory_bytes
+    from squish.hardware import default_dtype_bytes, total_memory_bytes
     from squish.models import choose_default
 
     return choose_default(total_memory_bytes(), hub.reachable, has_token=_has_hub_token,
-                          dtype_bytes=4 if default_build_dtype() == "float32" else 2)
+                          dtype_bytes=default_dtype_bytes())
 
 
 def _has_hub_token() -> bool:

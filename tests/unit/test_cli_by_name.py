@@ -129,3 +129,27 @@ def test_catalog_lists_memory_needs(capsys):
     assert main(["models", "--catalog", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["qwen3:8b"]["memory_need_bytes"] < rows["qwen3:8b"]["min_memory_bytes"]
+
+
+def test_build_plan_says_download_disk_and_time():
+    from squish import catalog
+    from squish.cli.fetch import build_plan
+
+    line, disk = build_plan(catalog.CATALOG["qwen3:8b"], dtype_bytes=2, cores=10)
+    assert line.startswith("qwen3:8b is not built yet: building it first. Estimate: downloads about 16.4 GB "
+                           "from the Hugging Face hub")
+    assert "needs about 21.6 GB of disk" in line and "roughly 47 min on 10 cores" in line
+    assert disk == catalog.source_bytes(catalog.CATALOG["qwen3:8b"]) + catalog.weight_bytes(catalog.CATALOG["qwen3:8b"])
+    line, _ = build_plan(catalog.CATALOG["smollm2:135m"], dtype_bytes=4, cores=2)
+    assert "from PyPI" in line and "roughly 4 min on 2 cores" in line  # the measured 231 s
+
+
+def test_catalog_build_without_disk_space_stops_before_building(monkeypatch, capsys, _isolated_home):
+    import squish.hardware
+
+    monkeypatch.setattr(squish.hardware, "free_disk_bytes", lambda path: 1000)
+    assert main(["serve", "smollm2:135m"]) == 2
+    err = capsys.readouterr().err
+    assert "not enough disk space" in err and "to build smollm2:135m" in err
+    assert "building it first" not in err
+    assert not _isolated_home.exists() or not any(_isolated_home.rglob("*"))
