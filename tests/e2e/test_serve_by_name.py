@@ -131,7 +131,7 @@ def test_serve_catalog_name_builds_first_then_serves(tmp_path):
         server.chat()
     finally:
         out = server.stop()
-    assert "tiny:1m is not built yet: building it first. Estimate: downloads about" in out
+    assert "tiny:1m is not built yet: building it first. Estimate: its source is already in the cache" in out
     assert "of disk, builds in roughly" in out
     built = home / "models" / "tiny-1m-4bit"
     assert (built / "squish.json").exists()

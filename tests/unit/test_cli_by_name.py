@@ -142,6 +142,9 @@ def test_build_plan_says_download_disk_and_time():
     assert disk == catalog.source_bytes(catalog.CATALOG["qwen3:8b"]) + catalog.weight_bytes(catalog.CATALOG["qwen3:8b"])
     line, _ = build_plan(catalog.CATALOG["smollm2:135m"], dtype_bytes=4, cores=2)
     assert "from PyPI" in line and "roughly 4 min on 2 cores" in line  # the measured 231 s
+    line, disk = build_plan(catalog.CATALOG["qwen3:8b"], dtype_bytes=2, cores=10, cached=True)
+    assert "its source is already in the cache, needs about 5.2 GB of disk" in line
+    assert disk == catalog.weight_bytes(catalog.CATALOG["qwen3:8b"])
 
 
 def test_catalog_build_without_disk_space_stops_before_building(monkeypatch, capsys, _isolated_home):
