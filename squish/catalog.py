@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from squish.errors import InputError
+from squish.sizing import Shape, int4_weight_bytes, need_bytes
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,11 @@ class CatalogEntry:
     source: str
     params_b: float  # parameters, in billions
     notes: str = ""
+
+    @property
+    def gated(self) -> bool:
+        """The hub asks for an accepted licence and a token (``HF_TOKEN``)."""
+        return self.notes.startswith("gated")
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,57 @@ CATALOG: dict[str, CatalogEntry] = {
         ),
     ]
 }
+
+
+# The architecture numbers that decide memory (squish/sizing.py), from each model's config.json.
+# `gemma3:270m` is the GGUF entry of the same issue (its catalog line comes with the GGUF work).
+SHAPES: dict[str, Shape] = {
+    "smollm2:135m": Shape(layers=30, hidden=576, kv_heads=3, head_dim=64, vocab=49152, tied=True),
+    "smollm2:360m": Shape(layers=32, hidden=960, kv_heads=5, head_dim=64, vocab=49152, tied=True),
+    "smollm2:1.7b": Shape(layers=24, hidden=2048, kv_heads=32, head_dim=64, vocab=49152, tied=True),
+    "qwen2.5:0.5b": Shape(layers=24, hidden=896, kv_heads=2, head_dim=64, vocab=151936, tied=True),
+    "qwen2.5:1.5b": Shape(layers=28, hidden=1536, kv_heads=2, head_dim=128, vocab=151936, tied=True),
+    "qwen2.5:7b": Shape(layers=28, hidden=3584, kv_heads=4, head_dim=128, vocab=152064, tied=False),
+    "qwen3:0.6b": Shape(layers=28, hidden=1024, kv_heads=8, head_dim=128, vocab=151936, tied=True),
+    "qwen3:1.7b": Shape(layers=28, hidden=2048, kv_heads=8, head_dim=128, vocab=151936, tied=True),
+    "qwen3:4b": Shape(layers=36, hidden=2560, kv_heads=8, head_dim=128, vocab=151936, tied=True),
+    "qwen3:8b": Shape(layers=36, hidden=4096, kv_heads=8, head_dim=128, vocab=151936, tied=False),
+    "llama3.2:1b": Shape(layers=16, hidden=2048, kv_heads=8, head_dim=64, vocab=128256, tied=True),
+    "llama3.2:3b": Shape(layers=28, hidden=3072, kv_heads=8, head_dim=128, vocab=128256, tied=True),
+    "gemma3:270m": Shape(layers=18, hidden=640, kv_heads=1, head_dim=256, vocab=262144, tied=True),
+}
+
+# Bytes per parameter of what a build downloads: hub repos ship bfloat16 safetensors; the PyPI
+# wheels carry 4-bit GGUF files (smollm2:135m: 98 MB for 0.135B parameters).
+SOURCE_BYTES_PER_PARAM = {"hf": 2.0, "pypi": 1.0}
+
+
+def weight_bytes(entry: CatalogEntry, dtype_bytes: int = 2) -> int:
+    """Size of the INT4 artifact Squish builds from ``entry``."""
+    return int4_weight_bytes(entry.params_b * 1e9, SHAPES[entry.name], dtype_bytes)
+
+
+def memory_need(entry: CatalogEntry, dtype_bytes: int = 2) -> int:
+    """Memory to serve ``entry``'s INT4 build (squish/sizing.py)."""
+    shape = SHAPES[entry.name]
+    return need_bytes(weight_bytes(entry, dtype_bytes), shape.kv_bytes_per_token(dtype_bytes))
+
+
+def source_bytes(entry: CatalogEntry) -> int:
+    """About how much a build of ``entry`` downloads (and keeps in the cache)."""
+    kind = entry.source.partition(":")[0]
+    return int(entry.params_b * 1e9 * SOURCE_BYTES_PER_PARAM.get(kind, 2.0))
+
+
+def best_fit(budget: int, *, hub: bool, token: bool, dtype_bytes: int = 2) -> CatalogEntry | None:
+    """The most capable entry whose INT4 build fits ``budget`` bytes: most parameters, then the
+    least memory. ``hub``: hub sources are reachable; ``token``: gated repos may be fetched."""
+    fits = [
+        e for e in CATALOG.values()
+        if (hub or not e.source.startswith("hf:")) and (token or not e.gated)
+        and memory_need(e, dtype_bytes) <= budget
+    ]
+    return max(fits, key=lambda e: (e.params_b, -memory_need(e, dtype_bytes)), default=None)
 
 
 def looks_like_catalog_name(name: str) -> bool:

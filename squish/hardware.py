@@ -33,6 +33,12 @@ def default_build_dtype() -> str:
     return BUILD_DTYPE[backend()]
 
 
+def default_dtype_bytes() -> int:
+    """Bytes per element of this backend's build dtype, which the KV cache shares: what the
+    memory estimates of squish/sizing.py take."""
+    return 4 if default_build_dtype() == "float32" else 2
+
+
 def total_memory_bytes() -> int:
     import psutil
 

@@ -22,7 +22,8 @@ import uuid
 from squish.cli.runner import exit_after_engine, make_engine, resolve_or_build
 
 EXAMPLES = """examples:
-  squish chat                                 the best local model (builds smollm2:135m if none)
+  squish chat                                 the model `squish serve` would choose (built first if needed)
+  squish chat mlx-community/Qwen3-8B-4bit     a hub repo, downloaded first and used as it is
   squish chat smollm2:135m --system "Answer in one sentence."
   echo "What is MLX?" | squish chat -q        one reply on stdout, nothing else
 type /reset to start over, /exit (or Ctrl-D) to quit; Ctrl-C stops the current reply
@@ -35,8 +36,8 @@ def register(subparsers) -> None:
         "chat", help="chat with a model in the terminal (the server's engine, no HTTP)",
         description="Chat with a model in the terminal, on the same engine as `squish serve`.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", help="artifact name, catalog name or folder "
-                   "(default: the best local model that fits memory)")
+    p.add_argument("model", nargs="?", help="model folder, local model name, catalog name or hub "
+                   "repo id ORG/REPO (default: chosen for this machine, as `squish serve` does)")
     p.add_argument("--system", help="system message for the whole chat")
     p.add_argument("--max-tokens", type=int, default=1024, help="tokens per reply at most (default 1024)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 = greedy (default 0.7)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -17,9 +18,12 @@ from squish import __version__
 from squish.errors import InputError, SquishError
 
 EPILOG = """examples:
+  squish serve                              serve the best model for this machine on 127.0.0.1:8000
+  squish serve qwen3:8b                     build a catalog model first if needed, then serve it
+  squish serve mlx-community/Qwen3-8B-4bit  download a hub folder and serve it as it is
+  squish pull qwen3:8b                      fetch without serving
   squish quantize smollm2:135m              build the default model (INT4)
-  squish serve                              serve the best local model on 127.0.0.1:8000
-  squish models                             list local artifacts
+  squish models                             list local models
 """
 
 
@@ -66,7 +70,7 @@ def _quantize(args) -> int:
 
 
 def _register_models(sub) -> None:
-    p = _add(sub, "models", "list local artifacts (or the catalog)",
+    p = _add(sub, "models", "list local models (or the catalog, with the memory each needs)",
              "  squish models\n  squish models --json\n  squish models --catalog\n")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--catalog", action="store_true", help="list the catalog names squish quantize accepts")
@@ -75,17 +79,10 @@ def _register_models(sub) -> None:
 
 
 def _models(args) -> int:
-    from squish import catalog
     from squish.models import list_local
 
     if args.catalog:
-        rows = [(e.name, e.source, f"{e.params_b:g}B", e.notes) for e in catalog.CATALOG.values()]
-        if args.json:
-            print(json.dumps([dict(zip(("name", "source", "params", "notes"), r)) for r in rows], indent=2))
-        else:
-            for r in rows:
-                print(r[0] if args.quiet else f"{r[0]:<14} {r[2]:>7}  {r[1]}  {r[3]}")
-        return 0
+        return _catalog_table(args)
     models = list_local()
     if args.json:
         print(json.dumps([{**m.__dict__, "path": str(m.path)} for m in models], indent=2))
@@ -103,9 +100,33 @@ def _models(args) -> int:
     return 0
 
 
+def _catalog_table(args) -> int:
+    """The catalog with the memory each INT4 build needs to serve (squish/sizing.py)."""
+    from squish import catalog, sizing
+
+    rows = []
+    for e in catalog.CATALOG.values():
+        need = catalog.memory_need(e) if e.name in catalog.SHAPES else None
+        rows.append({"name": e.name, "source": e.source, "params": f"{e.params_b:g}B", "notes": e.notes,
+                     "memory_need_bytes": need,
+                     "min_memory_bytes": need and sizing.smallest_machine_bytes(need)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not args.quiet:
+        print(f"{'NAME':<14} {'PARAMS':>7} {'NEEDS':>7} {'FROM RAM':>8}  SOURCE")
+    for r in rows:
+        need = f"{r['memory_need_bytes'] / 1e9:.1f} GB" if r["memory_need_bytes"] else "-"
+        ram = f"{math.ceil(r['min_memory_bytes'] / 2**30)} GiB" if r["min_memory_bytes"] else "-"
+        print(r["name"] if args.quiet else
+              f"{r['name']:<14} {r['params']:>7} {need:>7} {ram:>8}  {r['source']}  {r['notes']}".rstrip())
+    return 0
+
+
 def _register_rm(sub) -> None:
-    p = _add(sub, "rm", "remove a local artifact", "  squish rm smollm2-135m-4bit\n")
-    p.add_argument("name", help="artifact name as `squish models` lists it")
+    p = _add(sub, "rm", "remove a local model",
+             "  squish rm smollm2-135m-4bit\n  squish rm mlx-community/Qwen3-8B-4bit\n")
+    p.add_argument("name", help="model name as `squish models` lists it, or the hub id it was pulled with")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(handler=_rm)
 
@@ -145,10 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"squish {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _register_quantize(sub)
-    from squish.cli import chat, serve  # argparse only: no MLX / FastAPI at import
+    from squish.cli import chat, fetch, serve  # argparse only: no MLX / FastAPI at import
 
     serve.register(sub)
     chat.register(sub)
+    fetch.register(sub)
     _register_models(sub)
     _register_rm(sub)
     _register_verify(sub)

