@@ -118,10 +118,6 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     path = resolve_or_build(args, args.dry_run)  # InputError -> exit 1 via squish.cli.main
-    if path is not None:  # the artifact's cheap checks (files, sizes, headers) before binding a port
-        from squish.artifact import check_files, read_manifest
-
-        check_files(path, read_manifest(path))  # InputError -> exit 1, a message and no traceback
 
     from squish.api.app import create_app
     from squish.api.metrics import Metrics
@@ -144,6 +140,11 @@ def run(args) -> int:
               f"startup {time.perf_counter() - t0:.2f}s, RSS {rss:.0f} MiB")
         return 0
 
+    from squish.artifact import check_files, read_manifest
+
+    # The artifact's cheap checks (files, sizes, headers) before the port: a damaged model is
+    # the problem to report (InputError -> exit 1, a message and no traceback).
+    check_files(path, read_manifest(path))
     busy = _port_free(settings.host, settings.port)
     if busy:
         print(f"error: cannot listen on {settings.host}:{settings.port} ({busy}); choose another --port",
