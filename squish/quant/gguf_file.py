@@ -239,13 +239,14 @@ def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
     rows = int(np.prod(info.shape[:-1], dtype=np.int64))
     out = np.empty((rows, row_len), np.float32)
     if out.size:
-        data = np.memmap(path, np.uint8, "r", offset=info.offset, shape=(info.nbytes,))
-        data = data.reshape(rows, info.nbytes // rows)
+        mapped = np.memmap(path, np.uint8, "r", offset=info.offset, shape=(info.nbytes,))
+        # A plain ndarray view: slicing a memmap subclass costs more than dequantizing.
+        data = np.asarray(mapped).reshape(rows, info.nbytes // rows)
         step = max(1, CHUNK_BYTES // (4 * row_len))
         for r in range(0, rows, step):
             part = out[r:r + step]
             part[:] = dequantize(data[r:r + step], qtype).reshape(part.shape)
             if not np.isfinite(part).all():
                 raise InputError(f"{path}: tensor '{info.name}' contains NaN or Inf values")
-        del data
+        del data, mapped
     return out.reshape(info.shape)
