@@ -10,13 +10,15 @@
 - :mod:`squish.quant.gguf_tokenizer` rebuilds ``tokenizer.json`` (byte-level BPE
   or SentencePiece) and the chat template from the metadata.
 
-The reference's ``tensors()`` is a :class:`GGUFTensors` mapping that dequantizes a
-tensor when it is looked up (or popped) and keeps nothing: walking it layer by layer
-holds one tensor's float32 copy at a time, whatever the file's size.
+The reference's ``tensors()`` is a :class:`GGUFTensors` mapping: a lookup returns
+one float32 tensor in mlx_lm naming (MLX's own reader for files it can open, the
+``gguf`` package for the rest; see the class), so walking it layer by layer never
+holds the model in float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Iterator, Mapping
@@ -29,24 +31,61 @@ from squish.quant.gguf_file import SUPPORTED_TYPES, GGUFFile, open_gguf, read_te
 from squish.quant.reference import Reference
 
 
+# Types MLX's own GGUF reader returns as they are (F32/F16) or as its affine triplets
+# (Q4_0/Q4_1/Q8_0, group size 32). MLX cannot open a file holding any other type.
+MLX_NATIVE_BITS = {"F32": None, "F16": None, "Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+
+
 class GGUFTensors(Mapping):
     """Lazy ``{mlx_lm name: float32 mx.array}`` over a GGUF file.
 
-    A lookup dequantizes the tensor (numpy, one block of rows at a time), undoes
-    llama.cpp's layout for it and returns a fresh ``mx.array``; nothing is cached.
-    ``pop`` forgets the name, so a consumer that takes each layer once cannot read
-    it twice by mistake. Looking up the same name twice reads the file twice."""
+    Two readers, chosen per file, because the calibration pipeline walks the whole
+    reference once per generated token and the second costs about twice the first
+    per walk (``benchmarks/gguf_read.py``, SmolLM2 Q4_1; bit-identical values):
 
-    def __init__(self, gguf: GGUFFile, fam: Family, config: dict[str, Any]):
+    - a file whose tensors are all F32/F16/Q4_0/Q4_1/Q8_0 is opened with ``mx.load``
+      on the first lookup (the quantized file stays resident while the mapping
+      lives) and each lookup returns a lazy ``mx.dequantize`` expression;
+    - any other file (K-quants, IQ types, BF16, ...) is read with the ``gguf``
+      package: a lookup dequantizes that one tensor in numpy from the memory-mapped
+      file (:func:`~squish.quant.gguf_file.read_tensor`) and keeps nothing.
+
+    Either way llama.cpp's layout changes are undone per tensor. ``pop`` forgets the
+    name, so a consumer that takes each layer once cannot read it twice by mistake."""
+
+    def __init__(self, gguf: GGUFFile, fam: Family, config: dict[str, Any], *,
+                 native: bool | None = None):
         self._gguf, self._fam, self._config = gguf, fam, config
         self._names = {fam.mlx_name(n): n for n in gguf.tensors if n not in fam.side_tensors}
+        if native is None:
+            native = all(i.type_name in MLX_NATIVE_BITS and (MLX_NATIVE_BITS[i.type_name] is None
+                                                             or i.name.endswith(".weight"))
+                         for i in gguf.tensors.values())
+        self.native = native
+        self._arrays: dict[str, Any] | None = None
 
     def __getitem__(self, name: str) -> Any:
         import mlx.core as mx
 
         gname = self._names[name]
-        x = read_tensor(self._gguf.path, self._gguf.tensors[gname])
-        return mx.array(self._fam.transform(gname, x, self._config))
+        info = self._gguf.tensors[gname]
+        if not self.native:
+            return mx.array(self._fam.transform(gname, read_tensor(self._gguf.path, info), self._config))
+        if self._arrays is None:
+            try:
+                self._arrays = mx.load(str(self._gguf.path))
+            except (RuntimeError, ValueError) as e:
+                raise InputError(f"{self._gguf.path}: MLX could not read the GGUF: {e}") from e
+        bits = MLX_NATIVE_BITS[info.type_name]
+        if bits is None:
+            x = self._arrays[gname].astype(mx.float32)
+        else:
+            base = gname.removesuffix(".weight")
+            w, s, b = (self._arrays[k] for k in (gname, f"{base}.scales", f"{base}.biases"))
+            # float32 scales first: dequantizing with float16 ones would round every
+            # weight to float16, which GGML itself does not do.
+            x = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=32, bits=bits)
+        return self._fam.transform(gname, x, self._config)
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._names))
@@ -162,6 +201,7 @@ def _load(path: Path, workdir: Path) -> Reference:
         config["bos_token_id"] = files.bos_token_id
     config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
     tokenizer_dir = files.write(workdir / "tokenizer")
+    tables = dataclasses.replace(gguf, metadata={})  # the reference keeps no vocabulary
     counts: dict[str, int] = {}
     for info in gguf.tensors.values():
         counts[info.type_name] = counts.get(info.type_name, 0) + 1
@@ -176,6 +216,6 @@ def _load(path: Path, workdir: Path) -> Reference:
         tokenizer_dir=tokenizer_dir,
         source={"kind": "gguf", "id": path.name, "sha256": file_sha256(path),
                 "file_types": dict(sorted(counts.items()))},
-        load_tensors=lambda: GGUFTensors(gguf, fam, config),
+        load_tensors=lambda: GGUFTensors(tables, fam, config),
         notes=notes,
     )

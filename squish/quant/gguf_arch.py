@@ -63,19 +63,19 @@ class Family:
         raise InputError(f"GGUF tensor '{gguf_name}' is not supported for architecture "
                          f"'{self.arch}' (Squish cannot map it to an mlx_lm weight)")
 
-    def transform(self, gguf_name: str, x: np.ndarray, config: dict) -> np.ndarray:
-        """Undo llama.cpp's layout changes on one float32 tensor."""
+    def transform(self, gguf_name: str, x: Any, config: dict) -> Any:
+        """Undo llama.cpp's layout changes on one float32 tensor (numpy or MLX array)."""
         m = LAYER_RE.fullmatch(gguf_name)
         kind = m[2] if m else gguf_name.removesuffix(".weight")
         if self.qk_permuted and kind in ("attn_q", "attn_k"):
             heads = config["num_attention_heads" if kind == "attn_q" else "num_key_value_heads"]
             x = unpermute_qk_rows(x, heads)
         if self.norm_plus_one and kind.endswith("norm"):
-            x = x - np.float32(1.0)
+            x = x - 1.0  # float32 stays float32 (numpy and MLX arrays alike)
         return x
 
 
-def unpermute_qk_rows(x: np.ndarray, n_heads: int) -> np.ndarray:
+def unpermute_qk_rows(x: Any, n_heads: int) -> Any:
     """Undo llama.cpp's Q/K row permutation (rows only, so weights and biases alike).
 
     llama.cpp's converter maps HF row ``h*D + j*(D/2) + i`` to GGUF row

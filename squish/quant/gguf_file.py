@@ -9,7 +9,8 @@ Why a parser of our own for the header and the `gguf` package for the tensors:
   numpy view per array element in Python: 30 s for the metadata of Gemma 3's
   262k-token vocabulary on this machine, against well under a second here.
   ``mx.load`` reads the whole file eagerly and fails outright on K-quants
-  (``gguf_tensor_to_f16 failed`` on a Q4_K_M file).
+  (``gguf_tensor_to_f16 failed`` on a Q4_K_M file); files it can open are still
+  read with it for speed (:class:`squish.quant.gguf.GGUFTensors`).
 - Tensor data is memory-mapped and dequantized with ``gguf.quants.dequantize``
   (numpy, maintained with llama.cpp) a block of rows at a time into one float32
   array, so reading a tensor holds that tensor in float32 plus one block of
