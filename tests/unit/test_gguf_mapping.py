@@ -1,23 +1,21 @@
-"""Pure GGUF -> mlx_lm mapping logic: tensor names, the Q/K row permutation
-(float and packed quantized rows), model names and config errors."""
+"""Pure GGUF -> mlx_lm mapping logic: tensor names per family, the Q/K row
+permutation, model names and config errors."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
-from squish.quant.gguf import (
-    GGUFHeader,
-    TensorInfo,
-    build_config,
-    mlx_name,
-    model_name,
-    unpermute_qk_rows,
-)
 from squish.errors import InputError
+from squish.quant.gguf import model_name
+from squish.quant.gguf_arch import build_config, family, unpermute_qk_rows
+from squish.quant.gguf_file import GGUFFile, TensorInfo
+
+
+def mlx_name(gguf_name: str, arch: str) -> str:
+    return family(arch).mlx_name(gguf_name)
 
 
 @pytest.mark.parametrize("gguf,mlx", [
@@ -41,14 +39,23 @@ def test_llama_names(gguf, mlx):
 def test_arch_specific_names():
     assert mlx_name("blk.1.attn_q.bias", "qwen2") == "model.layers.1.self_attn.q_proj.bias"
     assert mlx_name("blk.1.attn_k_norm.weight", "qwen3") == "model.layers.1.self_attn.k_norm.weight"
+    assert mlx_name("blk.2.attn_qkv.weight", "phi3") == "model.layers.2.self_attn.qkv_proj.weight"
+    assert mlx_name("blk.2.ffn_up.weight", "phi3") == "model.layers.2.mlp.gate_up_proj.weight"
+    assert mlx_name("blk.0.ffn_norm.weight", "gemma3") == "model.layers.0.pre_feedforward_layernorm.weight"
+    assert mlx_name("blk.0.post_attention_norm.weight", "gemma3") == (
+        "model.layers.0.post_attention_layernorm.weight")
+    assert mlx_name("blk.0.post_ffw_norm.weight", "gemma3") == (
+        "model.layers.0.post_feedforward_layernorm.weight")
     with pytest.raises(InputError, match="attn_q.bias.*llama"):
         mlx_name("blk.1.attn_q.bias", "llama")
     with pytest.raises(InputError, match="attn_q_norm"):
         mlx_name("blk.1.attn_q_norm.weight", "qwen2")
     with pytest.raises(InputError, match="rope_freqs"):
         mlx_name("rope_freqs.weight", "llama")
-    with pytest.raises(InputError, match="architecture 'phi3'"):
-        mlx_name("token_embd.weight", "phi3")
+    with pytest.raises(InputError, match="attn_q.weight.*phi3"):
+        mlx_name("blk.0.attn_q.weight", "phi3")  # Squish maps only the fused layout mlx_lm has
+    with pytest.raises(InputError, match="architecture 'rwkv6'.*gemma3, llama, phi3, qwen2, qwen3"):
+        mlx_name("token_embd.weight", "rwkv6")
 
 
 def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -62,26 +69,15 @@ def test_unpermute_inverts_llama_cpp_permute(n_heads, head_dim):
     hf = np.arange(n_heads * head_dim * 5, dtype=np.float32).reshape(n_heads * head_dim, 5)
     gguf = llama_cpp_permute(hf, n_heads)
     assert not np.array_equal(gguf, hf)
-    np.testing.assert_array_equal(np.array(unpermute_qk_rows(mx.array(gguf), n_heads)), hf)
+    np.testing.assert_array_equal(unpermute_qk_rows(gguf, n_heads), hf)
     # 1-D (a bias) works the same way.
     np.testing.assert_array_equal(
-        np.array(unpermute_qk_rows(mx.array(gguf[:, 0]), n_heads)), hf[:, 0])
-
-
-def test_unpermute_commutes_with_dequantize_on_packed_rows():
-    rng = np.random.default_rng(0)
-    w = mx.array(rng.standard_normal((48, 64)).astype(np.float32))
-    for bits in (4, 8):
-        qw, s, b = mx.quantize(w, group_size=32, bits=bits)
-        rows_first = mx.dequantize(*(unpermute_qk_rows(a, 3) for a in (qw, s, b)),
-                                   group_size=32, bits=bits)
-        deq_first = unpermute_qk_rows(mx.dequantize(qw, s, b, group_size=32, bits=bits), 3)
-        np.testing.assert_array_equal(np.array(rows_first), np.array(deq_first))
+        unpermute_qk_rows(gguf[:, 0], n_heads), hf[:, 0])
 
 
 def test_unpermute_refuses_odd_heads():
     with pytest.raises(InputError, match="heads"):
-        unpermute_qk_rows(mx.zeros((10, 4)), 4)
+        unpermute_qk_rows(np.zeros((10, 4)), 4)
 
 
 @pytest.mark.parametrize("meta,stem,want", [
@@ -96,10 +92,10 @@ def test_model_name(meta, stem, want):
     assert model_name(meta, Path(f"/x/{stem}.gguf")) == want
 
 
-def _header(**tensors: tuple[int, ...]) -> GGUFHeader:
-    infos = {n.replace("__", "."): TensorInfo(n.replace("__", "."), s, "F32", 0, 0)
+def _header(**tensors: tuple[int, ...]) -> GGUFFile:
+    infos = {n.replace("__", "."): TensorInfo(n.replace("__", "."), s, "F32", 0, 0, 0)
              for n, s in tensors.items()}
-    return GGUFHeader(3, infos, 0)
+    return GGUFFile(Path("x.gguf"), 3, {}, infos, 0)
 
 
 def _meta(arch="llama", **over):
@@ -137,3 +133,12 @@ def test_config_errors(over, tensors, match):
             if not (k in over and over[k] is None)}
     with pytest.raises(InputError, match=match):
         build_config(meta, _header(**tensors))
+
+
+def test_config_gemma3_defaults_from_llama_cpp():
+    meta = _meta("gemma3", **{"gemma3.attention.key_length": 32, "gemma3.attention.sliding_window": 512})
+    cfg = build_config(meta, _header(token_embd__weight=(100, 64)))
+    assert (cfg["model_type"], cfg["query_pre_attn_scalar"], cfg["sliding_window_pattern"],
+            cfg["rope_local_base_freq"], cfg["sliding_window"]) == ("gemma3_text", 32, 6, 10000.0, 512)
+    meta["gemma3.block_count"] = 62  # Gemma 3 27B scales queries by hidden / heads
+    assert build_config(meta, _header(token_embd__weight=(100, 64)))["query_pre_attn_scalar"] == 16

@@ -1,331 +1,203 @@
-"""GGUF reading on tiny hand-written files: header parsing, refusals (unsupported
-types, truncation, unknown architecture), exact dequantization of Q8_0/Q4_0/Q4_1
-and BF16, and a full ``load_gguf`` of a one-layer llama.
-
-The writer below follows the GGUF v3 layout (magic, version, counts, key/values,
-tensor table, alignment padding, data) so that types MLX cannot write itself
-(Q4_K, ...) can be produced byte for byte.
-"""
+"""The GGUF container on small files written with the ``gguf`` library's GGUFWriter:
+every supported tensor type dequantizes exactly as the library's own reference does,
+and bad files are refused with a message naming the file and the problem (also
+through ``squish quantize``: exit code 1, nothing left behind)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import struct
+import sys
+from pathlib import Path
 
-import mlx.core as mx
+import gguf
 import numpy as np
 import pytest
 
-from squish.quant.gguf import load_gguf, read_gguf_header, unpermute_qk_rows
-from squish.errors import InputError
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gguf_tiny import write_gguf, write_model  # noqa: E402
 
-# ---- a minimal GGUF v3 writer -----------------------------------------------------------
+from squish.errors import InputError  # noqa: E402
+from squish.quant import gguf_file  # noqa: E402
+from squish.quant.gguf import load_gguf  # noqa: E402
+from squish.quant.gguf_file import SUPPORTED_TYPES, open_gguf  # noqa: E402
 
-_U32, _I32, _F32, _BOOL, _STR, _ARR = 4, 5, 6, 7, 8, 9
-TYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "BF16": 30}
-
-
-def _gstr(s: str) -> bytes:
-    b = s.encode("utf-8")
-    return struct.pack("<Q", len(b)) + b
-
-
-def _value(v) -> tuple[int, bytes]:
-    if isinstance(v, bool):
-        return _BOOL, struct.pack("<?", v)
-    if isinstance(v, int):
-        return _U32, struct.pack("<I", v)
-    if isinstance(v, float):
-        return _F32, struct.pack("<f", v)
-    if isinstance(v, str):
-        return _STR, _gstr(v)
-    if isinstance(v, list) and v and isinstance(v[0], str):
-        return _ARR, struct.pack("<IQ", _STR, len(v)) + b"".join(_gstr(x) for x in v)
-    if isinstance(v, list):
-        return _ARR, struct.pack("<IQ", _I32, len(v)) + np.asarray(v, "<i4").tobytes()
-    raise TypeError(v)
+# Byte offsets of the float16 scale(s) in one block, for the types the library can
+# dequantize but not quantize: random bytes there could be NaN/Inf, so they get a
+# sane scale and everything else stays random.
+F16_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+              "IQ2_XXS": (0,), "IQ2_XS": (0,), "IQ2_S": (0,), "IQ3_XXS": (0,), "IQ3_S": (0,),
+              "IQ1_S": (0,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
 
 
-def write_gguf(path, meta: dict, tensors: list[tuple[str, tuple[int, ...], str, bytes]]) -> None:
-    """``tensors``: (name, row-major shape, type name, raw bytes)."""
-    out = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(meta)))
-    for k, v in meta.items():
-        t, payload = _value(v)
-        out += _gstr(k) + struct.pack("<I", t) + payload
-    offsets, pos = [], 0
-    for _, _, _, data in tensors:
-        offsets.append(pos)
-        pos = -(-(pos + len(data)) // 32) * 32
-    for (name, shape, tname, _), off in zip(tensors, offsets):
-        dims = list(reversed(shape))
-        out += _gstr(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
-        out += struct.pack("<IQ", TYPE_IDS[tname], off)
-    out += b"\0" * (-len(out) % 32)
-    base = len(out)
-    for (_, _, _, data), off in zip(tensors, offsets):
-        out += b"\0" * (base + off - len(out)) + data
-    path.write_bytes(bytes(out))
+def blocks_for(type_name: str, rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Raw bytes [rows, bytes per row] of a ``type_name`` tensor with 2 blocks per row."""
+    qtype = gguf.GGMLQuantizationType[type_name]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    x = rng.standard_normal((rows, 2 * block)).astype(np.float32)
+    if type_name == "F32":
+        return x
+    if type_name == "F16":
+        return x.astype(np.float16)
+    try:
+        return gguf.quants.quantize(x, qtype)
+    except NotImplementedError:
+        pass
+    raw = rng.integers(0, 256, (rows * 2, size), dtype=np.uint8)
+    scale = rng.uniform(0.01, 0.1, (rows * 2, 1)).astype(np.float16).view(np.uint8)
+    if type_name == "IQ1_M":  # its scale is spread over the top nibbles of four uint16s
+        s = np.full((rows * 2, 4), 0x3C00, np.uint16)  # 1.0
+        raw[:, -8:] = ((raw[:, -8:].view(np.uint16) & 0x0FFF)
+                       | ((s >> np.array([0, 4, 8, 12], np.uint16)) & 0xF) << 12).view(np.uint8)
+    for off in F16_SCALES.get(type_name, ()):
+        raw[:, off:off + 2] = scale
+    return raw.reshape(rows, 2 * size)
 
 
-# ---- reference quantizers (GGML block layouts) ------------------------------------------
-
-def q8_0(x: np.ndarray) -> tuple[bytes, np.ndarray]:
-    """Q8_0 bytes and the exact values GGML dequantizes them to."""
-    blocks = x.reshape(-1, 32).astype(np.float32)
-    d = (np.abs(blocks).max(1) / 127).astype(np.float16)
-    q = np.round(blocks / np.where(d == 0, 1, d.astype(np.float32))[:, None]).astype(np.int8)
-    raw = b"".join(di.tobytes() + qi.tobytes() for di, qi in zip(d, q))
-    return raw, (d.astype(np.float32)[:, None] * q).reshape(x.shape)
-
-
-def _pack4(q: np.ndarray) -> bytes:
-    return (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8).tobytes()
-
-
-def q4_1(x: np.ndarray) -> tuple[bytes, np.ndarray]:
-    blocks = x.reshape(-1, 32).astype(np.float32)
-    lo, hi = blocks.min(1), blocks.max(1)
-    d, m = ((hi - lo) / 15).astype(np.float16), lo.astype(np.float16)
-    df, mf = d.astype(np.float32)[:, None], m.astype(np.float32)[:, None]
-    q = np.clip(np.round((blocks - mf) / np.where(df == 0, 1, df)), 0, 15).astype(np.uint8)
-    raw = b"".join(d[i].tobytes() + m[i].tobytes() + _pack4(q[i:i + 1]) for i in range(len(q)))
-    return raw, (df * q + mf).reshape(x.shape)
+@pytest.mark.parametrize("type_name", SUPPORTED_TYPES)
+def test_every_type_dequantizes_as_the_library_does(tmp_path, type_name, monkeypatch):
+    rng = np.random.default_rng(list(SUPPORTED_TYPES).index(type_name))
+    raw = blocks_for(type_name, 5, rng)
+    if raw.dtype == np.uint8:
+        tensors = {"t": (raw, type_name)}
+    else:
+        tensors = {"t": raw}
+    path = write_gguf(tmp_path / "t.gguf", "llama", {}, tensors)
+    g = open_gguf(path)
+    assert g.tensors["t"].type_name == type_name
+    # Two rows per dequantization step: the chunking is exercised too.
+    monkeypatch.setattr(gguf_file, "CHUNK_BYTES", 2 * 4 * g.tensors["t"].shape[-1])
+    got = g.read("t")
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name])
+    assert got.dtype == np.float32 and got.shape == want.shape == g.tensors["t"].shape
+    assert np.isfinite(want).all()
+    np.testing.assert_array_equal(got, want)
 
 
-def q4_0(x: np.ndarray) -> tuple[bytes, np.ndarray]:
-    blocks = x.reshape(-1, 32).astype(np.float32)
-    amax = blocks[np.arange(len(blocks)), np.abs(blocks).argmax(1)]
-    d = (amax / -8).astype(np.float16)
-    df = d.astype(np.float32)[:, None]
-    q = np.clip(np.round(blocks / np.where(df == 0, 1, df)) + 8, 0, 15).astype(np.uint8)
-    raw = b"".join(d[i].tobytes() + _pack4(q[i:i + 1]) for i in range(len(q)))
-    return raw, (df * (q.astype(np.float32) - 8)).reshape(x.shape)
+def test_quantized_values_are_close_to_the_source(tmp_path):
+    """The reference check above compares with the library; this one with the floats."""
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    for type_name, tol in (("Q8_0", 0.02), ("Q5_1", 0.1), ("Q4_0", 0.3), ("BF16", 0.01)):
+        raw = gguf.quants.quantize(x, gguf.GGMLQuantizationType[type_name])
+        path = write_gguf(tmp_path / f"{type_name}.gguf", "llama", {}, {"t": (raw, type_name)})
+        assert np.abs(open_gguf(path).read("t") - x).max() < tol, type_name
 
 
-def f32(x: np.ndarray) -> bytes:
-    return x.astype("<f4").tobytes()
+def test_metadata_values_are_decoded(tmp_path):
+    meta = {"a.int": 7, "a.float": 0.5, "a.bool": True, "a.str": "héllo",
+            "a.strs": ["x", "", "✓"], "a.ints": [1, 2, 3]}
+    g = open_gguf(write_gguf(tmp_path / "m.gguf", "llama", meta, {"t": np.ones((1, 32), np.float32)}))
+    m = g.metadata
+    assert (m["a.int"], m["a.float"], m["a.bool"], m["a.str"], m["a.strs"]) == (7, 0.5, True, "héllo",
+                                                                              ["x", "", "✓"])
+    assert m["a.ints"].tolist() == [1, 2, 3] and m["general.architecture"] == "llama"
 
 
-# ---- a tiny llama -----------------------------------------------------------------------
+# --- refusals --------------------------------------------------------------------------
 
-def byte_alphabet() -> list[str]:
-    """GPT-2's byte -> printable-character table, in byte order."""
-    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    extra = iter(range(256, 512))
-    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
-
-
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TINY = dict(hidden=64, heads=2, kv_heads=1, ffn=96, layers=1)
-
-
-def tiny_meta(arch="llama", **over):
-    tokens = SPECIALS + byte_alphabet() + ["Ġt", "he"]
-    meta = {
-        "general.architecture": arch, "general.basename": "tiny", "general.size_label": "1K",
-        f"{arch}.embedding_length": TINY["hidden"], f"{arch}.block_count": TINY["layers"],
-        f"{arch}.feed_forward_length": TINY["ffn"], f"{arch}.attention.head_count": TINY["heads"],
-        f"{arch}.attention.head_count_kv": TINY["kv_heads"], f"{arch}.context_length": 128,
-        f"{arch}.attention.layer_norm_rms_epsilon": 1e-5, f"{arch}.rope.freq_base": 10000.0,
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
-        "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": ["Ġ t", "h e"],
-        "tokenizer.ggml.token_type": [3] * 3 + [1] * (len(tokens) - 3),
-        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
-        "tokenizer.chat_template": "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}",
-    }
-    meta.update(over)
-    return meta
-
-
-def tiny_tensors(rng, q_type="Q8_0"):
-    """(tensor list for the writer, {gguf name: exact float32 values})."""
-    h, kv, hd = TINY["hidden"], TINY["kv_heads"], TINY["hidden"] // TINY["heads"]
-    vocab = len(tiny_meta()["tokenizer.ggml.tokens"])
-    shapes = {"token_embd.weight": (vocab, h), "output_norm.weight": (h,),
-              "blk.0.attn_norm.weight": (h,), "blk.0.ffn_norm.weight": (h,),
-              "blk.0.attn_q.weight": (h, h), "blk.0.attn_k.weight": (kv * hd, h),
-              "blk.0.attn_v.weight": (kv * hd, h), "blk.0.attn_output.weight": (h, h),
-              "blk.0.ffn_gate.weight": (TINY["ffn"], h), "blk.0.ffn_up.weight": (TINY["ffn"], h),
-              "blk.0.ffn_down.weight": (h, TINY["ffn"])}
-    quantizer = {"Q8_0": q8_0, "Q4_0": q4_0, "Q4_1": q4_1}
-    out, exact = [], {}
-    for name, shape in shapes.items():
-        x = rng.standard_normal(shape).astype(np.float32) * (1.0 if len(shape) == 1 else 0.05)
-        if name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight"):
-            raw, exact[name] = quantizer[q_type](x)
-            out.append((name, shape, q_type, raw))
-        else:
-            out.append((name, shape, "F32", f32(x)))
-            exact[name] = x
-    return out, exact
-
-
-# ---- tests ------------------------------------------------------------------------------
-
-def test_header_reports_shapes_types_and_offsets(tmp_path):
-    x = np.arange(64, dtype=np.float32).reshape(2, 32)
-    raw, _ = q8_0(x)
-    write_gguf(tmp_path / "a.gguf", {"general.architecture": "llama"},
-               [("a", (2, 32), "F32", f32(x)), ("b", (2, 32), "Q8_0", raw)])
-    h = read_gguf_header(tmp_path / "a.gguf")
-    assert h.version == 3
-    assert [(t.name, t.shape, t.type_name, t.nbytes) for t in h.tensors.values()] == [
-        ("a", (2, 32), "F32", 256), ("b", (2, 32), "Q8_0", 68)]
-    data = (tmp_path / "a.gguf").read_bytes()
-    assert data[h.tensors["a"].offset:h.tensors["a"].offset + 256] == f32(x)
-
-
-@pytest.mark.parametrize("kind,dequant", [("Q8_0", q8_0), ("Q4_0", q4_0), ("Q4_1", q4_1)])
-def test_quantized_types_dequantize_exactly(tmp_path, kind, dequant):
-    rng = np.random.default_rng(0)
-    tensors, exact = tiny_tensors(rng, q_type=kind)
-    write_gguf(tmp_path / "m.gguf", tiny_meta(), tensors)
-    got = load_gguf(tmp_path / "m.gguf", tmp_path / "work").tensors()
-    k = got["model.layers.0.self_attn.k_proj.weight"]
-    assert k.dtype == mx.float32
-    want = unpermute_qk_rows(mx.array(exact["blk.0.attn_k.weight"]), TINY["kv_heads"])
-    np.testing.assert_array_equal(np.array(k), np.array(want))
-
-
-def test_bf16_is_read_exactly_not_narrowed_to_float16(tmp_path):
-    x = np.array([[1.5, -3.0e20, 1e-30, 7.0] * 16], np.float32)  # out of float16 range
-    bf = (x.view(np.uint32) >> 16).astype("<u2")
-    rng = np.random.default_rng(1)
-    tensors, _ = tiny_tensors(rng)
-    tensors = [(n, s, t, d) if n != "blk.0.attn_norm.weight" else (n, (64,), "BF16", bf.tobytes())
-               for n, s, t, d in tensors]
-    write_gguf(tmp_path / "m.gguf", tiny_meta(), tensors)
-    got = load_gguf(tmp_path / "m.gguf", tmp_path / "w").tensors()["model.layers.0.input_layernorm.weight"]
-    want = (bf.astype(np.uint32) << 16).view(np.float32).reshape(64)
-    np.testing.assert_array_equal(np.array(got), want)
-
-
-def test_unsupported_type_is_refused_by_name(tmp_path):
-    write_gguf(tmp_path / "k.gguf", {"general.architecture": "llama"},
-               [("blk.0.attn_q.weight", (2, 256), "Q4_K", bytes(2 * 144))])
-    with pytest.raises(InputError) as e:
-        load_gguf(tmp_path / "k.gguf", tmp_path / "w")
-    msg = str(e.value)
-    assert "Q4_K" in msg and "blk.0.attn_q.weight" in msg and "k.gguf" in msg
-    assert "Q8_0" in msg and "BF16" in msg  # lists what is supported
+def _tiny(tmp_path, name="m.gguf"):
+    path, _, _ = write_model(tmp_path / name, "llama")
+    return path
 
 
 def test_truncated_file_is_refused(tmp_path):
-    tensors, _ = tiny_tensors(np.random.default_rng(2))
-    write_gguf(tmp_path / "m.gguf", tiny_meta(), tensors)
-    data = (tmp_path / "m.gguf").read_bytes()
+    data = _tiny(tmp_path).read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[:-100])
-    with pytest.raises(InputError, match=r"cut\.gguf.*ffn_down\.weight.*truncated"):
+    with pytest.raises(InputError, match=r"cut\.gguf: tensor '.*' ends at byte .* truncated"):
         load_gguf(tmp_path / "cut.gguf", tmp_path / "w")
     (tmp_path / "head.gguf").write_bytes(data[:300])  # cut inside the metadata
-    with pytest.raises(InputError, match=r"head\.gguf.*truncated"):
+    with pytest.raises(InputError, match=r"head\.gguf: GGUF header is truncated"):
         load_gguf(tmp_path / "head.gguf", tmp_path / "w")
+    assert not (tmp_path / "w").exists()
 
 
 def test_not_a_gguf_and_missing_file_are_refused(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04" + bytes(100))
-    with pytest.raises(InputError, match="not a GGUF"):
+    with pytest.raises(InputError, match=r"x\.gguf: not a GGUF file"):
         load_gguf(tmp_path / "x.gguf", tmp_path / "w")
     with pytest.raises(InputError, match="no such"):
         load_gguf(tmp_path / "absent.gguf", tmp_path / "w")
 
 
+def _patch_type(path: Path, tensor: str, type_id: int) -> None:
+    data = bytearray(path.read_bytes())
+    name = tensor.encode()
+    at = data.index(len(name).to_bytes(8, "little") + name) + 8 + len(name)
+    n_dims = int.from_bytes(data[at:at + 4], "little")
+    at += 4 + 8 * n_dims
+    data[at:at + 4] = type_id.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_tensor_type_is_refused(tmp_path):
+    path = _tiny(tmp_path)
+    _patch_type(path, "blk.0.ffn_up.weight", 200)
+    with pytest.raises(InputError, match=r"m\.gguf: tensor 'blk\.0\.ffn_up\.weight' has unknown ggml type id 200"):
+        load_gguf(path, tmp_path / "w")
+
+
+def test_unsupported_type_is_refused_by_name(tmp_path):
+    raw = np.zeros((2, 292), np.uint8)  # one Q8_K block per row (an intermediate type)
+    path = write_gguf(tmp_path / "k.gguf", "llama", {}, {"blk.0.attn_q.weight": (raw, "Q8_K")})
+    with pytest.raises(InputError) as e:
+        load_gguf(path, tmp_path / "w")
+    msg = str(e.value)
+    assert "k.gguf" in msg and "Q8_K" in msg and "blk.0.attn_q.weight" in msg
+    assert "Q4_K" in msg and "IQ4_XS" in msg  # says what is supported
+
+
 def test_unknown_architecture_is_refused(tmp_path):
-    tensors, _ = tiny_tensors(np.random.default_rng(3))
-    write_gguf(tmp_path / "g.gguf", tiny_meta(arch="gemma3"), tensors)
-    with pytest.raises(InputError, match=r"architecture 'gemma3'.*llama, qwen2, qwen3"):
-        load_gguf(tmp_path / "g.gguf", tmp_path / "w")
+    from gguf_tiny import bpe_vocab
+
+    path = write_gguf(tmp_path / "r.gguf", "rwkv6", bpe_vocab(), {"token_embd.weight": np.ones((4, 32), np.float32)})
+    with pytest.raises(InputError, match=r"architecture 'rwkv6' is not supported.*gemma3, llama, phi3"):
+        load_gguf(path, tmp_path / "w")
 
 
-def test_unknown_tensor_is_refused(tmp_path):
-    tensors, _ = tiny_tensors(np.random.default_rng(4))
-    tensors.append(("rope_freqs.weight", (16,), "F32", f32(np.ones(16, np.float32))))
-    write_gguf(tmp_path / "r.gguf", tiny_meta(), tensors)
-    with pytest.raises(InputError, match="rope_freqs.weight.*llama3-style"):
-        load_gguf(tmp_path / "r.gguf", tmp_path / "w")
+def test_llama3_rope_frequencies_are_refused(tmp_path):
+    path = _tiny(tmp_path)
+    g = open_gguf(path)
+    tensors = {n: g.read(n) for n in g.tensors} | {"rope_freqs.weight": np.ones(8, np.float32)}
+    meta = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in g.metadata.items()
+            if k != "general.architecture"}
+    bad = write_gguf(tmp_path / "r.gguf", "llama", meta, tensors)
+    with pytest.raises(InputError, match=r"r\.gguf: GGUF has 'rope_freqs.weight'"):
+        load_gguf(bad, tmp_path / "w")
 
 
-def test_nan_in_norm_is_refused(tmp_path):
-    tensors, _ = tiny_tensors(np.random.default_rng(5))
-    bad = np.ones(64, np.float32)
-    bad[3] = np.nan
-    tensors = [(n, s, t, f32(bad) if n == "output_norm.weight" else d) for n, s, t, d in tensors]
-    write_gguf(tmp_path / "n.gguf", tiny_meta(), tensors)
-    with pytest.raises(InputError, match="output_norm.weight.*NaN"):
-        load_gguf(tmp_path / "n.gguf", tmp_path / "w")
+def test_nan_is_refused_naming_the_tensor(tmp_path):
+    path = _tiny(tmp_path)
+    g = open_gguf(path)
+    info = g.tensors["output_norm.weight"]
+    data = bytearray(path.read_bytes())
+    data[info.offset:info.offset + 4] = np.array([np.nan], np.float32).tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"m\.gguf: tensor 'output_norm.weight' contains NaN"):
+        load_gguf(path, tmp_path / "w")
+    info = g.tensors["blk.0.ffn_down.weight"]  # a matrix: checked when it is read
+    data[info.offset:info.offset + 4] = np.array([np.inf], np.float32).tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="ffn_down.weight' contains NaN or Inf"):
+        gguf_file.read_tensor(path, info)
 
 
-def test_tiny_llama_loads_end_to_end(tmp_path):
-    from mlx_lm.utils import _get_classes
+@pytest.mark.parametrize("case", ["truncated", "unsupported type", "architecture"])
+def test_squish_quantize_refuses_with_exit_1_and_leaves_nothing(tmp_path, capsys, case):
+    from squish.cli.main import main
+    from squish.config import cache_dir
 
-    tensors, exact = tiny_tensors(np.random.default_rng(6))
-    path = tmp_path / "Tiny-Instruct.Q8_0.gguf"
-    write_gguf(path, tiny_meta(), tensors)
-    ref = load_gguf(path, tmp_path / "work")
-
-    assert ref.name == "tiny-1k-instruct"
-    assert ref.source == {"kind": "gguf", "id": path.name,
-                          "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                          "file_types": {"F32": 9, "Q8_0": 2}}
-    c = ref.config
-    assert (c["model_type"], c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"],
-            c["head_dim"], c["rms_norm_eps"], c["tie_word_embeddings"], c["bos_token_id"]) == (
-        "llama", 64, 2, 1, 32, 1e-5, True, 1)
-    assert "quantization" not in c
-
-    w = ref.tensors()
-    assert all(v.dtype == mx.float32 for v in w.values())
-    assert "lm_head.weight" not in w
-    q = np.array(w["model.layers.0.self_attn.q_proj.weight"])
-    # Row 1 of head 0 in HF layout is GGUF row 2 (pairs interleaved by llama.cpp).
-    np.testing.assert_array_equal(q[1], exact["blk.0.attn_q.weight"][2])
-    np.testing.assert_array_equal(q[16], exact["blk.0.attn_q.weight"][1])
-    np.testing.assert_array_equal(np.array(w["model.layers.0.mlp.down_proj.weight"]),
-                                  exact["blk.0.ffn_down.weight"])
-
-    model_cls, args_cls = _get_classes(c)
-    model = model_cls(args_cls.from_dict(c))
-    model.load_weights(list(w.items()), strict=True)
-    logits = model(mx.array([[3, 4, 5]]))
-    assert logits.shape == (1, 3, c["vocab_size"]) and bool(mx.all(mx.isfinite(logits)))
-
-    tok_dir = ref.tokenizer_dir
-    assert tok_dir == tmp_path / "work" / "tokenizer"
-    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
-    assert cfg["bos_token"] == "<|im_start|>" and cfg["eos_token"] == "<|im_end|>"
-    assert "chat_template" in cfg and (tok_dir / "tokenizer.json").is_file()
-
-
-def test_qwen2_biases_map_and_are_not_permuted(tmp_path):
-    rng = np.random.default_rng(7)
-    tensors, exact = tiny_tensors(rng)
-    bias = rng.standard_normal(64).astype(np.float32)
-    tensors.append(("blk.0.attn_q.bias", (64,), "F32", f32(bias)))
-    for b in ("k", "v"):
-        tensors.append((f"blk.0.attn_{b}.bias", (32,), "F32", f32(np.zeros(32, np.float32))))
-    write_gguf(tmp_path / "q.gguf", tiny_meta(arch="qwen2"), tensors)
-    ref = load_gguf(tmp_path / "q.gguf", tmp_path / "w")
-    w = ref.tensors()
-    assert ref.config["model_type"] == "qwen2" and not ref.notes
-    np.testing.assert_array_equal(np.array(w["model.layers.0.self_attn.q_proj.bias"]), bias)
-    np.testing.assert_array_equal(np.array(w["model.layers.0.self_attn.q_proj.weight"]),
-                                  exact["blk.0.attn_q.weight"])
-
-
-def test_qwen3_q_k_norms_map(tmp_path):
-    rng = np.random.default_rng(8)
-    tensors, _ = tiny_tensors(rng)
-    norms = {n: rng.standard_normal(32).astype(np.float32) for n in ("attn_q_norm", "attn_k_norm")}
-    tensors += [(f"blk.0.{n}.weight", (32,), "F32", f32(v)) for n, v in norms.items()]
-    write_gguf(tmp_path / "q3.gguf", tiny_meta(arch="qwen3", **{"qwen3.attention.key_length": 32}),
-               tensors)
-    ref = load_gguf(tmp_path / "q3.gguf", tmp_path / "w")
-    w = ref.tensors()
-    assert ref.config["model_type"] == "qwen3" and ref.config["head_dim"] == 32
-    np.testing.assert_array_equal(np.array(w["model.layers.0.self_attn.k_norm.weight"]),
-                                  norms["attn_k_norm"])
-    from mlx_lm.utils import _get_classes
-
-    model_cls, args_cls = _get_classes(ref.config)
-    model_cls(args_cls.from_dict(ref.config)).load_weights(list(w.items()), strict=True)
+    path = _tiny(tmp_path)
+    if case == "truncated":
+        path.write_bytes(path.read_bytes()[:-64])
+        want = "truncated"
+    elif case == "unsupported type":
+        _patch_type(path, "blk.0.ffn_up.weight", 26)  # I32: as many bytes as F32
+        want = "I32"
+    else:
+        data = path.read_bytes().replace(b"\x05\x00\x00\x00\x00\x00\x00\x00llama", b"\x05\x00\x00\x00\x00\x00\x00\x00bloom", 1)
+        path.write_bytes(data)
+        want = "architecture 'bloom'"
+    out = tmp_path / "models" / "out"
+    assert main(["quantize", str(path), "-o", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert str(path) in err and want in err, err
+    assert not out.exists() and not (tmp_path / "models").exists()
+    assert not cache_dir().exists() or list(cache_dir().iterdir()) == []

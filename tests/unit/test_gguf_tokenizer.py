@@ -1,4 +1,5 @@
-"""Tokenizer rebuilt from GGUF metadata, on tiny byte-level vocabularies."""
+"""Tokenizer rebuilt from GGUF metadata, on tiny vocabularies of both kinds:
+byte-level BPE and SentencePiece (scores, byte fallback, space prefix)."""
 
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def test_add_bos_token_prepends_bos():
 
 
 @pytest.mark.parametrize("over,match", [
-    ({"tokenizer.ggml.model": "llama"}, "tokenizer model 'llama'"),
+    ({"tokenizer.ggml.model": "t5"}, "tokenizer model 't5'"),
+    ({"tokenizer.ggml.model": "llama"}, "one score per token"),
     ({"tokenizer.ggml.pre": "default"}, "pre-tokenizer 'default'.*smollm"),
     ({"tokenizer.ggml.merges": []}, "no merges"),
     ({"tokenizer.ggml.merges": ["a b c"]}, "merge"),
@@ -104,3 +106,75 @@ def test_written_files_load_in_transformers(tmp_path):
     ids = tok.apply_chat_template([{"role": "user", "content": "the"}], tokenize=True)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     assert tok.decode(ids) == "<|im_start|>the<|im_end|>"
+
+
+# --- SentencePiece ("llama") vocabularies ------------------------------------------------
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gguf_tiny import spm_vocab  # noqa: E402
+
+from squish.quant.gguf_tokenizer import build_tokenizer_files, spm_merges  # noqa: E402
+
+
+def test_spm_merges_follow_the_scores_not_the_left_to_right_order():
+    # "▁cat": with "at" scored above "▁c", llama.cpp merges a+t first, then ▁+c, then ▁c+at.
+    tok = build_tokenizer(spm_vocab())
+    assert tok.encode("cat", add_special_tokens=False).tokens == ["▁cat"]
+    m = spm_vocab(pieces=("at", "▁c"))  # no "▁cat": stops at the two pieces
+    assert build_tokenizer(m).encode("cat", add_special_tokens=False).tokens == ["▁c", "at"]
+    m = spm_vocab(pieces=("▁c", "ca", "at"))  # "▁c" best: ▁+c, then a+t; "ca" never forms
+    assert build_tokenizer(m).encode("cat", add_special_tokens=False).tokens == ["▁c", "at"]
+    m = spm_vocab(pieces=("ca", "▁c", "at"))  # "ca" best: c+a first, leaving ▁ and t
+    assert build_tokenizer(m).encode("cat", add_special_tokens=False).tokens == ["▁", "ca", "t"]
+
+
+def test_spm_merge_list_ranks_by_score():
+    tokens = ["a", "b", "c", "ab", "bc", "abc"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = spm_merges(tokens, [1] * 6, [0, 0, 0, -2.0, -1.0, -3.0], vocab)
+    assert merges == [("b", "c"), ("a", "b"), ("a", "bc"), ("ab", "c")]
+
+
+def test_spm_space_prefix_byte_fallback_and_round_trip():
+    tok = build_tokenizer(spm_vocab())
+    enc = tok.encode("the cat é!")
+    assert enc.tokens[:3] == ["<bos>", "▁the", "▁cat"]
+    assert "<0xC3>" in enc.tokens and "<0xA9>" in enc.tokens  # é is not in the vocabulary
+    for text in ["the cat é!", "  two  spaces", "line\nbreak", "emoji 🤖"]:
+        assert tok.decode(tok.encode(text).ids) == text, text
+    no_prefix = build_tokenizer({**spm_vocab(), "tokenizer.ggml.add_space_prefix": False})
+    assert no_prefix.encode("the", add_special_tokens=False).tokens == ["t", "he"]
+    assert no_prefix.decode(no_prefix.encode(" the cat").ids) == " the cat"
+
+
+def test_spm_prefix_after_each_special_token_as_llama_cpp_does():
+    tok = build_tokenizer(spm_vocab())
+    assert tok.encode("<eos>the", add_special_tokens=False).tokens == ["<eos>", "▁the"]
+
+
+def test_gemma_style_files_get_turn_template_and_end_of_turn(tmp_path):
+    from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer, load
+
+    files = build_tokenizer_files({**spm_vocab(gemma=True), "general.architecture": "gemma3"}, {})
+    assert files.eos_token_ids == [1, 5] and files.bos_token_id == 2
+    assert files.notes and "gemma3 turn format" in files.notes[0]
+    tok = load(files.write(tmp_path / "tok"), eos_token_ids=files.eos_token_ids)
+    assert isinstance(tok.detokenizer, SPMStreamingDetokenizer)  # mlx_lm recognises the decoder
+    text = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "hi"},
+                                    {"role": "assistant", "content": "hello"},
+                                    {"role": "user", "content": "the cat"}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert text == ("<bos><start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n<start_of_turn>model\n"
+                    "hello<end_of_turn>\n<start_of_turn>user\nthe cat<end_of_turn>\n<start_of_turn>model\n")
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids[:2] == [2, 4] and tok.decode(ids) == text
+    assert tok.encode("a  b", add_special_tokens=False)[1] == files.tokenizer.token_to_id("  ")
+    # A file with its own template keeps it; other architectures get none.
+    own = build_tokenizer_files({**spm_vocab(gemma=True), "general.architecture": "gemma3",
+                                 "tokenizer.chat_template": "X"}, {})
+    assert own.config["chat_template"] == "X" and not own.notes
+    assert "chat_template" not in build_tokenizer_files(spm_vocab(), {}).config
