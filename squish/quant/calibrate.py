@@ -22,7 +22,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from squish.quant import npforward as nf
 from squish.quant.reference import Reference
 from squish.errors import InputError
 
@@ -125,17 +124,45 @@ def _banned(tokenizer, vocab: int) -> list[int]:
 
 
 def _self_generated(ref, tokenizer, n, L, rng, temperature, top_p):
-    arch = nf.make_arch(ref.config, max_pos=2 * L + 8)
-    T = ref.tensors()
-    layers = nf.StreamedLayers(ref.tensors, arch.n_layers)  # one layer in float32 at a time
-    embed = nf.VocabRows(T["model.embed_tokens.weight"])  # as stored; float32 by rows / vocab chunks
-    head = embed if arch.tied or "lm_head.weight" not in T else nf.VocabRows(T["lm_head.weight"])
-    lm = nf.NumpyLM(arch, layers, embed, np.array(T["model.norm.weight"].astype(mx.float32)), head)
+    """Batched seeded sampling with mlx_lm's own BatchGenerator (left-padded prompts, the
+    model's own caches) on the float reference, products in numpy (``squish.quant.passes``)."""
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.sample_utils import make_sampler
+
+    from squish.quant.graph import Graph, build_model
+    from squish.quant.passes import Runner
+
+    gr = Graph(build_model(ref.config))
+    vocab = int(ref.config.get("vocab_size") or 0) or None
     order = rng.permutation(len(PROMPTS))
     prompts = [_prompt_ids(tokenizer, PROMPTS[order[i % len(PROMPTS)]]) for i in range(n)]
     prompts = [p[-(L // 2):] for p in prompts]  # keep at least half of each sample generated
     n_new = L - min(len(p) for p in prompts)
-    out = lm.generate(prompts, n_new, rng, temperature, top_p, _banned(tokenizer, arch.vocab))
-    toks = np.stack([np.array(o[:L]) for o in out])
+    banned = mx.array(_banned(tokenizer, vocab or 1 << 30), dtype=mx.int32)
+
+    def ban(tokens, logits):
+        return logits if banned.size == 0 else _ban(logits, banned)
+
+    mx.random.seed(int(rng.integers(0, 2**31 - 1)))
+    out = {}
+    with Runner(gr, ref) as run:
+        gen = BatchGenerator(run.model, max_tokens=n_new, stop_tokens=[], logits_processors=[ban],
+                             sampler=make_sampler(temperature, top_p), completion_batch_size=n,
+                             prefill_batch_size=n)
+        try:
+            uids = gen.insert(prompts, [n_new] * n)
+            out = {u: [] for u in uids}
+            while responses := gen.next_generated():
+                for r in responses:
+                    out[r.uid].append(int(r.token))
+        finally:
+            gen.close()
+    toks = np.stack([np.array((p + out[u])[:L]) for p, u in zip(prompts, uids)])
     return toks, {"source": "self-generated", "prompts": len(PROMPTS), "temperature": temperature,
                   "top_p": top_p}
+
+
+def _ban(logits, banned):
+    mask = mx.zeros((logits.shape[-1],), dtype=logits.dtype)
+    mask[banned] = -float("inf")
+    return logits + mask
