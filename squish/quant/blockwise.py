@@ -84,6 +84,7 @@ class _Build:
                 mx.eval(w)  # once, as stored; the row chunks below slice it
                 _quantize_rows(w, d[0], d[1], self.spec.dtype, self, path, clip=self.m.calibrated)
             del w
+            mx.clear_cache()
             if path + ".bias" in self.T:
                 self.emit_array(path + ".bias", self.T.pop(path + ".bias"))
         for k in [k for k in self.T if self.gr.block_of(k) is None]:
@@ -182,6 +183,7 @@ class _Build:
                 packed[p] = (pack(q, d[0]).reshape(*shape, -1), s.reshape(*shape, -1), b.reshape(*shape, -1), *d)
         self.emit_block(i, packed)
         self.release(i)
+        mx.clear_cache()
         self.timings["quantize_s"] += time.perf_counter() - t
 
     def release(self, i) -> None:
@@ -205,7 +207,8 @@ class _Build:
             g.detach(lin.module)
             lin.module.update({"weight": mx.array(lin.w), **({"bias": mx.array(lin.b)} if lin.b is not None else {})})
         try:
-            ref = flat_outputs(call(self.gr.blocks[i], *pargs, **kwargs))
+            with g.mlx_attention():
+                ref = flat_outputs(call(self.gr.blocks[i], *pargs, **kwargs))
         finally:
             for p, lin in lins.items():
                 lin.module.update(saved[p])
@@ -286,6 +289,7 @@ class _Build:
         self.emit_block(i, packed)
         self.release(i)
         cache.clear()
+        mx.clear_cache()
         self.done.add(i)
         self.timings["quantize_s"] += time.perf_counter() - t
         if self.progress:

@@ -127,7 +127,6 @@ def _self_generated(ref, tokenizer, n, L, rng, temperature, top_p):
     """Batched seeded sampling with mlx_lm's own BatchGenerator (left-padded prompts, the
     model's own caches) on the float reference, products in numpy (``squish.quant.passes``)."""
     from mlx_lm.generate import BatchGenerator
-    from mlx_lm.sample_utils import make_sampler
 
     from squish.quant.graph import Graph, build_model
     from squish.quant.passes import Runner
@@ -143,11 +142,11 @@ def _self_generated(ref, tokenizer, n, L, rng, temperature, top_p):
     def ban(tokens, logits):
         return logits if banned.size == 0 else _ban(logits, banned)
 
-    mx.random.seed(int(rng.integers(0, 2**31 - 1)))
+    sampler = _Sampler(int(rng.integers(0, 2**31 - 1)), temperature, top_p)
     out = {}
     with Runner(gr, ref) as run:
         gen = BatchGenerator(run.model, max_tokens=n_new, stop_tokens=[], logits_processors=[ban],
-                             sampler=make_sampler(temperature, top_p), completion_batch_size=n,
+                             sampler=sampler, completion_batch_size=n,
                              prefill_batch_size=n)
         try:
             uids = gen.insert(prompts, [n_new] * n)
@@ -160,6 +159,22 @@ def _self_generated(ref, tokenizer, n, L, rng, temperature, top_p):
     toks = np.stack([np.array((p + out[u])[:L]) for p, u in zip(prompts, uids)])
     return toks, {"source": "self-generated", "prompts": len(PROMPTS), "temperature": temperature,
                   "top_p": top_p}
+
+
+class _Sampler:
+    """Temperature + nucleus sampling on its own key sequence: the samples depend on the
+    seed only, not on whatever else draws from MLX's global random state (building an
+    mlx_lm model does, and a streamed source builds one per pass)."""
+
+    def __init__(self, seed: int, temperature: float, top_p: float):
+        self.key = mx.random.key(seed)
+        self.inv_t, self.top_p = 1.0 / max(temperature, 1e-6), top_p
+
+    def __call__(self, logprobs):
+        from mlx_lm.sample_utils import apply_top_p
+
+        self.key, sub = mx.random.split(self.key)
+        return mx.random.categorical(apply_top_p(logprobs, self.top_p) * self.inv_t, key=sub)
 
 
 def _ban(logits, banned):

@@ -204,16 +204,19 @@ class Metrics:
         }
 
 
-def compare_models(ref: Reference, model, toks: np.ndarray) -> tuple[dict, np.ndarray]:
-    """Distribution metrics of ``model`` (a loaded mlx_lm model) against ``ref`` on the
-    windows ``toks [n, L]``, both through their own forward passes (numpy products).
-    Also returns the quantized side's logits for the first window."""
+def compare_models(ref: Reference, model, toks: np.ndarray, *, quant_ref: Reference | None = None
+                   ) -> tuple[dict, np.ndarray]:
+    """Distribution metrics of ``model`` (a loaded mlx_lm model; or, for memory
+    measurements, a second reference ``quant_ref``) against ``ref`` on the windows
+    ``toks [n, L]``, both through their own forward passes (numpy products). Also
+    returns the quantized side's logits for the first window."""
     from squish.quant.graph import Graph, build_model
     from squish.quant.passes import Runner
 
     acc = Metrics()
     first = None
-    with Runner(Graph(build_model(ref.config)), ref) as r, Runner(Graph(model)) as q:
+    other = Runner(Graph(build_model(quant_ref.config)), quant_ref) if quant_ref else Runner(Graph(model))
+    with Runner(Graph(build_model(ref.config)), ref) as r, other as q:
         for w in range(toks.shape[0]):
             ids = mx.array(toks[w:w + 1])
             lr = np.array(r.model(ids)[0].astype(mx.float32))

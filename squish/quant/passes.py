@@ -108,6 +108,7 @@ class Runner:
         return 4 * n
 
     def __enter__(self) -> "Runner":
+        self._attn = g.numpy_attention().__enter__()
         for i, lins in enumerate(self.lins):
             for p, lin in lins.items():
                 g.attach(lin.module, lin, "switch" if lin.switch else "linear")
@@ -122,17 +123,24 @@ class Runner:
         return self
 
     def __exit__(self, *exc) -> None:
+        import mlx.core as mx
+
+        self._attn.__exit__()
         self.gr.detach_all()
         self._T = None
         for lins in self.lins:
             for lin in lins.values():
                 lin.w = lin.b = None
+        mx.clear_cache()
 
     def _load(self, i: int) -> None:
         if self.source is not None:
             if self._T is None or not any(k.startswith(self.gr.prefixes[i]) for k in self._T):
                 self._T = self.source.ref.tensors()  # a new pass over a streamed source
             install_block(self.gr, i, self.source.block(self._T, i), self.lins[i])
+            import mlx.core as mx
+
+            mx.clear_cache()  # the block's source arrays, freed once converted
         else:
             for lin in self.lins[i].values():
                 lin.w, lin.b = g.dense_weight(lin.module)

@@ -192,7 +192,8 @@ def _calibrated(b, tokens: np.ndarray) -> None:
         g.attach(mod, b.vocab[path], "embedding" if g.kind(mod) == "embedding" else "head")
     b.gr.hook_blocks(b.calibrated_block)
     try:
-        b.gr.model(mx.array(tokens))
+        with g.numpy_attention():
+            b.gr.model(mx.array(tokens))
     except g.Stop:
         pass
     finally:
