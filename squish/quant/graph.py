@@ -27,6 +27,23 @@ import numpy as np
 from squish.errors import InputError
 
 RESIDENT_BYTES = 1 << 30  # float32 block weights up to this stay loaded between passes
+SMALL_ROWS = 512  # products with fewer rows run BLAS on one thread (``one_thread``)
+_CTL: list = []
+
+
+def one_thread():
+    """Context manager: numpy's BLAS runs one thread inside it.
+
+    A multi-threaded BLAS call waits for its helper threads; on a busy machine (2 cores
+    shared by several processes) a waiting thread loses a scheduler slice, and a decode
+    step's small products took ~100 ms each instead of ~1.5 ms (measured in self-generated
+    calibration on SmolLM2 here). Large products (a capture pass's 4096 rows) keep the
+    threads."""
+    if not _CTL:
+        from threadpoolctl import ThreadpoolController
+
+        _CTL.append(ThreadpoolController())
+    return _CTL[0].limit(limits=1, user_api="blas")
 
 
 def model_classes(config: dict):
@@ -139,12 +156,19 @@ class Lin:
         idx = None if indices is None else np.array(indices).astype(np.int64)
         if self.hook is not None:
             self.hook(self, xn, idx)
+        x2 = xn.reshape(-1, xn.shape[-1])
+        if x2.shape[0] < SMALL_ROWS:
+            with one_thread():
+                return mx.array(self._product(xn, x2, idx))
+        return mx.array(self._product(xn, x2, idx))
+
+    def _product(self, xn, x2, idx):
         if self.switch:
-            return mx.array(switch_matmul(xn, idx, self.w, self.b))
-        y = xn.reshape(-1, xn.shape[-1]) @ self.w.T
+            return switch_matmul(xn, idx, self.w, self.b)
+        y = x2 @ self.w.T
         if self.b is not None:
             y += self.b
-        return mx.array(y.reshape(*xn.shape[:-1], -1))
+        return y.reshape(*xn.shape[:-1], -1)
 
 
 class NpCache:
@@ -187,7 +211,13 @@ class Vocab:
     CHUNK = 8192
 
     def __init__(self, weight, scales=None, biases=None, *, group_size=64, bits=4, mode="affine"):
+        import mlx.core as mx
+
+        # evaluated once, as stored: slicing a lazy array (a GGUF tensor's dequantization)
+        # would recompute all of it for every chunk
+        mx.eval([a for a in (weight, scales, biases) if a is not None])
         self.weight, self.scales, self.biases = weight, scales, biases
+        self.dense: np.ndarray | None = None  # the whole matrix in float32, if ``keep_dense()``
         self._q = dict(group_size=group_size, bits=bits, mode=mode)
         dim = weight.shape[1] * 32 // bits if scales is not None else weight.shape[1]
         self.shape = (weight.shape[0], dim)
@@ -208,13 +238,22 @@ class Vocab:
             w = mx.dequantize(w, pick(self.scales), b, **self._q)
         return to_np(w)
 
+    def keep_dense(self) -> None:
+        """Convert once and keep the float32 matrix (a resident pass over a small model:
+        generation reads the head every step)."""
+        self.dense = self._f32(lambda a: a)
+
     def rows(self, start: int, stop: int) -> np.ndarray:
+        if self.dense is not None:
+            return self.dense[start:stop]
         return self._f32(lambda a: a[start:stop])
 
     def __getitem__(self, ids) -> np.ndarray:
         import mlx.core as mx
 
         ids = np.asarray(ids)
+        if self.dense is not None:
+            return self.dense[ids]
         flat = mx.array(ids.reshape(-1).astype(np.int32))
         return self._f32(lambda a: mx.take(a, flat, axis=0)).reshape(*ids.shape, self.shape[1])
 
@@ -224,7 +263,12 @@ class Vocab:
         o2 = out.reshape(-1, self.shape[0])
         for a in range(0, self.shape[0], self.CHUNK):
             b = min(a + self.CHUNK, self.shape[0])
-            o2[:, a:b] = x2 @ self.rows(a, b).T
+            w = self.rows(a, b)
+            if x2.shape[0] < SMALL_ROWS:
+                with one_thread():
+                    o2[:, a:b] = x2 @ w.T
+            else:
+                o2[:, a:b] = x2 @ w.T
         return out
 
     # the module-facing calls (an nn.Embedding's __call__ / as_linear, an lm_head's __call__)
@@ -302,9 +346,13 @@ def numpy_sdpa(queries, keys, values, *, scale: float, mask=None, sinks=None, **
     forms the scores with its slow GEMM (a SmolLM2 block's attention on 32 x 128
     calibration tokens: 5.6 s in MLX). Grouped-query heads, ``"causal"`` / boolean /
     additive masks and attention sinks as mlx_lm passes them."""
+    with one_thread():  # many small products (one per batch row and kv head)
+        return _numpy_sdpa(to_np(queries), to_np(keys), to_np(values), scale, mask, sinks)
+
+
+def _numpy_sdpa(q, k, v, scale, mask, sinks):
     import mlx.core as mx
 
-    q, k, v = to_np(queries), to_np(keys), to_np(values)
     B, Hq, L, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     rep = Hq // Hk

@@ -118,6 +118,8 @@ class Runner:
         else:
             vocab = {p: g.Vocab.of(m) for p, m in self.gr.top_modules().items()}
         for p, m in self.gr.top_modules().items():
+            if self.resident:
+                vocab[p].keep_dense()
             g.attach(m, vocab[p], "embedding" if g.kind(m) == "embedding" else "head")
         self.gr.hook_blocks(self._call_block)
         return self
