@@ -75,8 +75,11 @@ def build_dir(ref, calib, spec, method, mixed, out: Path):
     mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": "mlx"})
     cfg = {**ref.config, "quantization": outcome.quantization, "quantization_config": outcome.quantization}
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    for f in Path(ref.tokenizer_dir).iterdir():
-        shutil.copy(f, out / f.name)
+    from squish.quant.writer import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:  # only these: a Hugging Face source folder holds its weights too
+        if (Path(ref.tokenizer_dir) / name).exists():
+            shutil.copy(Path(ref.tokenizer_dir) / name, out / name)
     return outcome
 
 

@@ -83,6 +83,8 @@ class _Build:
             else:
                 mx.eval(w)  # once, as stored; the row chunks below slice it
                 _quantize_rows(w, d[0], d[1], self.spec.dtype, self, path, clip=self.m.calibrated)
+            if path in self.vocab:  # the forward pass's copy: quantized and emitted, never read again
+                self.vocab[path].weight = self.vocab[path].dense = None
             del w
             mx.clear_cache()
             if path + ".bias" in self.T:
@@ -230,8 +232,6 @@ class _Build:
         if i == 0:
             mx.eval([a for a in (*args, *kwargs.values()) if isinstance(a, mx.array)])
             self.top_level()
-            for v in self.vocab.values():
-                v.weight = None  # quantized and emitted: nothing may read it again
         if i in self.done:
             raise InputError(f"model_type {self.ref.config.get('model_type')!r} calls decoder block {i} "
                              "more than once per forward pass (shared blocks): not supported")
