@@ -150,7 +150,7 @@ def main(argv=None) -> int:
                            max_windows=a.windows, coherence=a.coherence)
             m = rep.metrics
             row = {"config": c, "bits": bits, "group_size": gs, "method": outcome.recipe["method"],
-                   "embed_bits": mixed.bits_for("model.embed_tokens", bits),
+                   "embed_bits": mixed.bits_for("model.embed_tokens", bits, top=True),
                    "bpw": outcome.recipe["bits_per_weight"], "quantize_s": round(tq, 1),
                    "recipe": outcome.recipe, **m}
             if a.coherence:

@@ -126,8 +126,6 @@ def _banned(tokenizer, vocab: int) -> list[int]:
 def _self_generated(ref, tokenizer, n, L, rng, temperature, top_p):
     """Batched seeded sampling with mlx_lm's own BatchGenerator (left-padded prompts, the
     model's own caches) on the float reference, products in numpy (``squish.quant.passes``)."""
-    from mlx_lm.generate import BatchGenerator
-
     from squish.quant.graph import Graph, build_model
     from squish.quant.passes import Runner
 
@@ -142,39 +140,42 @@ def _self_generated(ref, tokenizer, n, L, rng, temperature, top_p):
     def ban(tokens, logits):
         return logits if banned.size == 0 else _ban(logits, banned)
 
-    sampler = _Sampler(int(rng.integers(0, 2**31 - 1)), temperature, top_p)
-    out = {}
+    seed = int(rng.integers(0, 2**31 - 1))
+    summary = {"source": "self-generated", "prompts": len(PROMPTS), "temperature": temperature, "top_p": top_p}
     with Runner(gr, ref) as run:
-        gen = BatchGenerator(run.model, max_tokens=n_new, stop_tokens=[], logits_processors=[ban],
-                             sampler=sampler, completion_batch_size=n,
-                             prefill_batch_size=n)
         try:
-            uids = gen.insert(prompts, [n_new] * n)
-            out = {u: [] for u in uids}
-            while responses := gen.next_generated():
-                for r in responses:
-                    out[r.uid].append(int(r.token))
-        finally:
-            gen.close()
-    toks = np.stack([np.array((p + out[u])[:L]) for p, u in zip(prompts, uids)])
-    return toks, {"source": "self-generated", "prompts": len(PROMPTS), "temperature": temperature,
-                  "top_p": top_p}
+            out = _batched(run.model, prompts, n_new, _Sampler(seed, temperature, top_p), ban)
+        except Exception as e:  # an mlx_lm model whose attention cannot take batched masks
+            out = [_one(run.model, p, n_new, _Sampler(seed + i, temperature, top_p), ban)
+                   for i, p in enumerate(prompts)]
+            summary["unbatched"] = f"mlx_lm's batched generation failed for this model ({type(e).__name__}: {e})"[:300]
+    toks = np.stack([np.array((p + o)[:L]) for p, o in zip(prompts, out)])
+    return toks, summary
 
 
-class _Sampler:
-    """Temperature + nucleus sampling on its own key sequence: the samples depend on the
-    seed only, not on whatever else draws from MLX's global random state (building an
-    mlx_lm model does, and a streamed source builds one per pass)."""
+def _batched(model, prompts, n_new, sampler, ban) -> list[list[int]]:
+    """mlx_lm's BatchGenerator: left-padded prompts, the model's own caches."""
+    from mlx_lm.generate import BatchGenerator
 
-    def __init__(self, seed: int, temperature: float, top_p: float):
-        self.key = mx.random.key(seed)
-        self.inv_t, self.top_p = 1.0 / max(temperature, 1e-6), top_p
+    n = len(prompts)
+    gen = BatchGenerator(model, max_tokens=n_new, stop_tokens=[], logits_processors=[ban], sampler=sampler,
+                         completion_batch_size=n, prefill_batch_size=n)
+    try:
+        uids = gen.insert(prompts, [n_new] * n)
+        out = {u: [] for u in uids}
+        while responses := gen.next_generated():
+            for r in responses:
+                out[r.uid].append(int(r.token))
+    finally:
+        gen.close()
+    return [out[u] for u in uids]
 
-    def __call__(self, logprobs):
-        from mlx_lm.sample_utils import apply_top_p
 
-        self.key, sub = mx.random.split(self.key)
-        return mx.random.categorical(apply_top_p(logprobs, self.top_p) * self.inv_t, key=sub)
+def _one(model, prompt, n_new, sampler, ban) -> list[int]:
+    from mlx_lm.generate import generate_step
+
+    steps = generate_step(mx.array(prompt), model, max_tokens=n_new, sampler=sampler, logits_processors=[ban])
+    return [int(t) for t, _ in steps]
 
 
 def _ban(logits, banned):

@@ -56,6 +56,8 @@ def test_family_builds_loads_and_beats_rtn(tmp_path, arch):
     ours = _build(ref, src, tmp_path / "squish", "squish")
     _build(ref, src, tmp_path / "rtn", "rtn")
     assert ours.recipe["architecture"] == arch and ours.recipe["awq_folds"]
+    if arch == "qwen3_moe":  # the model's quant_predicate: 8-bit routers, as mlx_lm.convert does
+        assert ours.quantization["model.layers.0.mlp.gate"]["bits"] == 8
     kld = {}
     for name in ("squish", "rtn"):
         model, tok = load(str(tmp_path / name))  # unchanged mlx_lm: config + safetensors as written
