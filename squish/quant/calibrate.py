@@ -124,8 +124,9 @@ def _banned(tokenizer, vocab: int) -> list[int]:
 
 
 def _self_generated(ref, tokenizer, n, L, rng, temperature, top_p):
-    """Batched seeded sampling with mlx_lm's own BatchGenerator (left-padded prompts, the
-    model's own caches) on the float reference, products in numpy (``squish.quant.passes``)."""
+    """Seeded sampling on the float reference through its own mlx_lm graph (products in
+    numpy, ``squish.quant.passes``): batched with mlx_lm's BatchGenerator (left-padded
+    prompts, the model's own caches), or one sequence at a time where that fails."""
     from squish.quant.graph import Graph, build_model
     from squish.quant.passes import Runner
 
@@ -176,6 +177,22 @@ def _one(model, prompt, n_new, sampler, ban) -> list[int]:
 
     steps = generate_step(mx.array(prompt), model, max_tokens=n_new, sampler=sampler, logits_processors=[ban])
     return [int(t) for t, _ in steps]
+
+
+class _Sampler:
+    """Temperature + nucleus sampling on its own key sequence: the samples depend on the
+    seed only, not on whatever else draws from MLX's global random state (building an
+    mlx_lm model does, and a streamed source builds one per pass)."""
+
+    def __init__(self, seed: int, temperature: float, top_p: float):
+        self.key = mx.random.key(seed)
+        self.inv_t, self.top_p = 1.0 / max(temperature, 1e-6), top_p
+
+    def __call__(self, logprobs):
+        from mlx_lm.sample_utils import apply_top_p
+
+        self.key, sub = mx.random.split(self.key)
+        return mx.random.categorical(apply_top_p(logprobs, self.top_p) * self.inv_t, key=sub)
 
 
 def _ban(logits, banned):
