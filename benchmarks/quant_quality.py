@@ -7,6 +7,13 @@ and writes ``benchmarks/results/<UTC timestamp>_quant_quality/results.json``.
 
     .venv/bin/python benchmarks/quant_quality.py                       # default table
     .venv/bin/python benchmarks/quant_quality.py --configs 4:64:squish,4:64:rtn-mixed
+    .venv/bin/python benchmarks/quant_quality.py --tiny-families        # every family of tests/tiny.py
+
+``--tiny-families`` builds a tiny random-weight model of each family in
+``tests/tiny.py`` (catalog families and others mlx_lm runs, MoE included) with the
+same configs (default ``4:64:squish,4:64:rtn-mixed,4:64:rtn``), self-generated
+calibration text, and compares each with its float reference on held-out windows
+through the model's own forward pass: calibration must beat RTN there too.
 
 Config syntax ``bits:group:method`` where method is ``squish`` (awq+clip+gptq,
 8-bit embedding), ``rtn`` (min/max round-to-nearest everywhere, what
@@ -68,8 +75,11 @@ def build_dir(ref, calib, spec, method, mixed, out: Path):
     mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": "mlx"})
     cfg = {**ref.config, "quantization": outcome.quantization, "quantization_config": outcome.quantization}
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    for f in Path(ref.tokenizer_dir).iterdir():
-        shutil.copy(f, out / f.name)
+    from squish.quant.writer import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:  # only these: a Hugging Face source folder holds its weights too
+        if (Path(ref.tokenizer_dir) / name).exists():
+            shutil.copy(Path(ref.tokenizer_dir) / name, out / name)
     return outcome
 
 
@@ -84,7 +94,12 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=8, help="held-out windows of 256 tokens")
     ap.add_argument("--coherence", action="store_true", help="also run the greedy coherence prompts")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--tiny-families", nargs="?", const="all",
+                    help="tiny random models instead of SmolLM2: 'all' or a comma list of tests/tiny.py families")
+    ap.add_argument("--window", type=int, default=256, help="held-out window length")
     a = ap.parse_args(argv)
+    if a.tiny_families:
+        return tiny_families(a)
 
     from mlx_lm.utils import load_tokenizer
 
@@ -131,11 +146,11 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             outcome = build_dir(ref, calib, spec, meth, mixed, work / c.replace(":", "_"))
             tq = time.perf_counter() - t
-            rep = evaluate(ref, work / c.replace(":", "_"), thresholds=NO_GATE,
+            rep = evaluate(ref, work / c.replace(":", "_"), thresholds=NO_GATE, window=a.window,
                            max_windows=a.windows, coherence=a.coherence)
             m = rep.metrics
             row = {"config": c, "bits": bits, "group_size": gs, "method": outcome.recipe["method"],
-                   "embed_bits": mixed.bits_for("model.embed_tokens", bits),
+                   "embed_bits": mixed.bits_for("model.embed_tokens", bits, top=True),
                    "bpw": outcome.recipe["bits_per_weight"], "quantize_s": round(tq, 1),
                    "recipe": outcome.recipe, **m}
             if a.coherence:
@@ -151,6 +166,69 @@ def main(argv=None) -> int:
     save(rows)
     print(f"\nwrote {dest}")
     return 0
+
+
+def tiny_families(a) -> int:
+    """The per-family table on tiny random models (see the module docstring)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from mlx_lm.utils import load_tokenizer
+    from tiny import ARCHS, make_hf_folder
+
+    from squish.quant.calibrate import calibration_tokens
+    from squish.quant.sources import load_hf_dir
+
+    families = list(ARCHS) if a.tiny_families == "all" else a.tiny_families.split(",")
+    configs = a.configs if a.configs != DEFAULT_CONFIGS else "4:64:squish,4:64:rtn-mixed,4:64:rtn"
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest = Path(a.out) / f"{stamp}_quant_families"
+    dest.mkdir(parents=True, exist_ok=True)
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="squish-qf-"))
+    try:
+        for fam in families:
+            src = make_hf_folder(work / f"src-{fam}", fam)
+            ref = load_hf_dir(src)
+            calib, cs = calibration_tokens(ref, load_tokenizer(src), calib_file=None, n_samples=a.calib_samples,
+                                           seq_len=a.calib_seq_len, seed=a.seed)
+            for c in configs.split(","):
+                bits, gs, meth, mixed = parse_config(c)
+                t = time.perf_counter()
+                out = work / f"{fam}-{c.replace(':', '_')}"
+                outcome = build_dir(ref, calib, QuantSpec(bits=bits, group_size=gs, dtype="float32"), meth, mixed, out)
+                tq = time.perf_counter() - t
+                rep = evaluate(ref, out, thresholds=NO_GATE, window=a.window, max_windows=a.windows, coherence=False)
+                r = outcome.recipe
+                rows.append({"family": fam, "config": c, "method": r["method"], "bpw": r["bits_per_weight"],
+                             "quantize_s": round(tq, 1), "awq_folds": r["awq_folds"],
+                             "awq_unscaled": r["awq_unscaled"], "expert_fallback": r["expert_fallback"],
+                             "calibration": cs, **rep.metrics})
+                print(f"{fam:12s} {c:14s} KLD {rep.metrics['mean_kld']:.4f} top-1 {rep.metrics['top1_agreement']:.3f}"
+                      f" ({tq:.0f} s)", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+            (dest / "results.json").write_text(json.dumps({"argv": sys.argv[1:], "mlx": mx.__version__,
+                                                           "rows": rows}, indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    table = family_table(rows)
+    (dest / "table.md").write_text(table + "\n")
+    print("\n" + table + f"\n\nwrote {dest}")
+    return 0
+
+
+def family_table(rows) -> str:
+    """Markdown: one line per family, mean KLD per config and calibrated / RTN ratios."""
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fams = list(dict.fromkeys(r["family"] for r in rows))
+    kld = {(r["family"], r["config"]): r["mean_kld"] for r in rows}
+    cal = [c for c in configs if not c.split(":")[2].startswith("rtn")]
+    base = [c for c in configs if c.split(":")[2].startswith("rtn")]
+    head = ["family"] + [f"KLD {c}" for c in configs] + [f"{x} / {y}" for x in cal for y in base]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for f in fams:
+        cells = [f] + [f"{kld.get((f, c), float('nan')):.4f}" for c in configs]
+        cells += [f"{kld.get((f, x), float('nan')) / kld.get((f, y), float('nan')):.2f}x" for x in cal for y in base]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 HEAD = ("config", "method", "emb", "bpw", "KLD", "top-1", "ppl ref", "ppl q", "dppl", "max|dl|", "quant s")

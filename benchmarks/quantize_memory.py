@@ -15,12 +15,14 @@ Prints peak RSS, RSS after every layer (flat = memory does not grow with
 depth) and the bf16 size of the full model; writes
 benchmarks/results/<UTC timestamp>_quantize_memory/results.json.
 
-``--numpy-passes`` also measures the build's two whole-model numpy passes that
-touch the full vocabulary (the 152k x 1536 embedding / tied head): self-generated
-calibration text (``calibrate``, 2 samples of 32 tokens, a byte-level stand-in
-tokenizer) and the quality gate's distribution metrics (``evaluate``, 2 windows
-of 256 tokens, the reference head on both sides). Each phase's peak is its own
-(VmHWM is reset before it through /proc/self/clear_refs, Linux only).
+``--numpy-passes`` also measures the build's two whole-model passes that touch
+the full vocabulary (the 152k x 1536 embedding / tied head), both through the
+model's own mlx_lm graph with numpy products, one block in float32 at a time:
+self-generated calibration text (``calibrate``, 2 samples of 32 tokens, a
+byte-level stand-in tokenizer) and the quality gate's distribution metrics
+(``evaluate.compare_models``, 2 windows of 256 tokens; the float reference on
+both sides, since this benchmark writes no artifact). Each phase's peak is its
+own (VmHWM is reset before it through /proc/self/clear_refs, Linux only).
 """
 
 from __future__ import annotations
@@ -142,7 +144,6 @@ def numpy_passes(ref: Reference, cfg: dict) -> dict:
     import numpy as np
 
     from squish.quant import calibrate, evaluate
-    from squish.quant import npforward as nf
 
     out = {}
     mx.clear_cache()
@@ -157,9 +158,7 @@ def numpy_passes(ref: Reference, cfg: dict) -> dict:
     reset_hwm()
     t = time.perf_counter()
     toks = np.random.default_rng(0).integers(0, cfg["vocab_size"], (2, 256))
-    arch = nf.make_arch(cfg, max_pos=264)
-    hidden, head = evaluate._final_hidden_ref(ref, arch, toks)
-    evaluate.distribution_metrics(hidden, head, hidden, head, toks)
+    evaluate.compare_models(ref, None, toks, quant_ref=ref)
     out["gate_metrics"] = {"rss_before_mb": round(before, 1), "peak_mb": round(hwm_mb(), 1),
                            "seconds": round(time.perf_counter() - t, 1)}
     for k, v in out.items():

@@ -43,16 +43,38 @@ def write_tokenizer(path: Path, vocab_size: int) -> None:
     }))
 
 
+# Tiny configs per family: every field mlx_lm's ModelArgs needs, shapes a 64-group quantizer
+# accepts (hidden 128, intermediate 256, 2 blocks). The catalog's families first, then
+# others mlx_lm runs with different block structure: fused q/k/v and gate/up (phi3),
+# LayerNorm + GELU MLP with biases (starcoder2), Gemma norms with soft-capped logits
+# (gemma2, gemma3_text), scaled residuals (granite), mixtures of experts (qwen3_moe,
+# qwen2_moe with a shared expert, mixtral).
+_GEMMA = {"head_dim": 32, "query_pre_attn_scalar": 32, "rms_norm_eps": 1e-6}
 ARCHS = {
     "llama": {"model_type": "llama", "rope_traditional": False},
     "qwen2": {"model_type": "qwen2"},
     "qwen3": {"model_type": "qwen3", "head_dim": 32},
+    "gemma3_text": {"model_type": "gemma3_text", **_GEMMA, "sliding_window": 16,
+                    "sliding_window_pattern": 2, "rope_local_base_freq": 10000.0},
+    "phi3": {"model_type": "phi3", "tie_word_embeddings": False, "pad_token_id": 0},
+    "starcoder2": {"model_type": "starcoder2", "norm_epsilon": 1e-5},
+    "gemma2": {"model_type": "gemma2", **_GEMMA, "attn_logit_softcapping": 50.0,
+               "final_logit_softcapping": 30.0},
+    "granite": {"model_type": "granite", "logits_scaling": 2.0, "attention_multiplier": 0.2,
+                "embedding_multiplier": 4.0, "residual_multiplier": 0.5, "attention_bias": False,
+                "mlp_bias": False},
+    "qwen3_moe": {"model_type": "qwen3_moe", "head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2,
+                  "decoder_sparse_step": 1, "mlp_only_layers": [], "moe_intermediate_size": 128,
+                  "norm_topk_prob": True},
+    "qwen2_moe": {"model_type": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 128, "shared_expert_intermediate_size": 256},
+    "mixtral": {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2},
 }
+MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral")
 
 
 def tiny_config(arch: str, *, vocab_size: int = 384, tied: bool = True) -> dict:
     return {
-        **ARCHS[arch],
         "hidden_size": 128,
         "num_hidden_layers": 2,
         "intermediate_size": 256,
@@ -65,11 +87,14 @@ def tiny_config(arch: str, *, vocab_size: int = 384, tied: bool = True) -> dict:
         "tie_word_embeddings": tied,
         "eos_token_id": 2,
         "bos_token_id": 1,
+        **ARCHS[arch],
     }
 
 
-def make_hf_folder(path: Path, arch: str, *, dtype: str = "bfloat16", tied: bool = True, seed: int = 0) -> Path:
-    """Write config.json, model.safetensors (HF naming) and tokenizer files."""
+def make_hf_folder(path: Path, arch: str, *, dtype: str | None = None, tied: bool = True, seed: int = 0) -> Path:
+    """Write config.json, model.safetensors (HF naming) and tokenizer files. bfloat16 weights,
+    except float32 for MoE families (MLX's CPU gather_mm runs float32 only)."""
+    dtype = dtype or ("float32" if arch in MOE_ARCHS else "bfloat16")
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes

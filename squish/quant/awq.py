@@ -1,42 +1,31 @@
 """Activation-aware per-input-channel scaling (after Lin et al., "AWQ", 2023).
 
 For a linear ``y = x W^T`` whose input comes from an op that can absorb a
-per-channel factor exactly (an RMSNorm weight, or the output rows of another
-linear), ``y = (x / s) (W * s)^T``: the float function is unchanged, but the
-weights of salient input channels (large activations) are scaled up before
-rounding, so they lose less relative precision. ``s = a^alpha / w^(1-alpha)``
-(``a`` mean |activation|, ``w`` mean relative |weight| per input channel) with
-``alpha`` chosen on a grid to minimise the *output* error of the quantized
-linears, measured exactly over all calibration tokens through ``H = X^T X / n``.
+per-channel factor exactly (a norm's weight, or the output rows of an earlier
+linear: ``squish.quant.folds`` finds which), ``y = (x / s) (W * s)^T``: the float
+function is unchanged, but the weights of salient input channels (large
+activations) are scaled up before rounding, so they lose less relative
+precision. ``s = a^alpha / w^(1-alpha)`` (``a`` mean |activation|, ``w`` mean
+relative |weight| per input channel) with ``alpha`` chosen on a grid to minimise
+the *output* error of the quantized linears, measured exactly over all
+calibration tokens through ``H = X^T X / n``.
 
-Fold points in a llama-family block (``FOLDS``):
-- ``input_layernorm``          -> q_proj, k_proj, v_proj
-- ``post_attention_layernorm`` -> gate_proj, up_proj
-- ``v_proj`` (output rows)     -> o_proj (input columns). With grouped-query
-  attention o_proj's input channel ``h*hd + d`` reads v channel
-  ``(h // rep)*hd + d``, so one factor per *v* channel is shared by the ``rep``
-  query heads (``vo_index``); softmax weights are applied per head, so the fold
-  stays exact.
-- ``up_proj`` (output rows)    -> down_proj (SwiGLU is linear in ``up``).
-Scaling whole output rows of v/up (and their bias) does not change how they
-quantize (every group of a row is scaled alike), so only the consumer's error
-counts in the search.
+With grouped-query attention o_proj's input channel ``h*hd + d`` reads v channel
+``(h // rep)*hd + d``: one factor per *v* channel is shared by the ``rep`` query
+heads (the fold's ``index``). Scaling whole output rows of a producer (and its
+bias) does not change how they quantize (every group of a row is scaled alike),
+so only the consumers' error counts in the search.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
-from squish.quant.gptq import rtn
+from squish.quant.gptq import hessian, rtn
 
 ALPHA_GRID = tuple(np.round(np.arange(0.0, 0.95, 0.1), 3))  # 0, 0.1, ..., 0.9
-
-
-def vo_index(n_heads: int, n_kv: int, head_dim: int) -> np.ndarray:
-    """For each o_proj input channel, the v_proj output channel it reads."""
-    rep = n_heads // n_kv
-    c = np.arange(n_heads * head_dim)
-    return (c // head_dim // rep) * head_dim + c % head_dim
 
 
 def _quant_err(Wcat: np.ndarray, s_in: np.ndarray, H: np.ndarray, bits: int, gs: int, dtype: str) -> float:
@@ -63,7 +52,7 @@ def search_scale(x_absmean: np.ndarray, Ws: list[np.ndarray], H: np.ndarray, bit
     wmean = wabs.reshape(Wcat.shape[0], cols).mean(axis=0)
     if index is not None:  # aggregate columns that share one factor
         n = x_absmean.shape[0]
-        wmean = np.bincount(index, weights=wmean, minlength=n) / np.bincount(index, minlength=n)
+        wmean = np.bincount(index, weights=wmean, minlength=n) / np.maximum(np.bincount(index, minlength=n), 1)
     a = np.maximum(x_absmean.astype(np.float64), 1e-8)
     w = np.maximum(wmean.astype(np.float64), 1e-8)
     base = None
@@ -81,74 +70,103 @@ def search_scale(x_absmean: np.ndarray, Ws: list[np.ndarray], H: np.ndarray, bit
     return best[1], best[2], best[0] / max(base, 1e-30)
 
 
-def fold_into_norm(W: dict, norm: str, linears: list[str], s: np.ndarray) -> None:
-    W[norm + ".weight"] = (W[norm + ".weight"] / s).astype(np.float32)
-    for lin in linears:
-        W[lin + ".weight"] = (W[lin + ".weight"] * s[None, :]).astype(np.float32)
+def absmean(x: np.ndarray) -> np.ndarray:
+    return np.abs(x.reshape(-1, x.shape[-1])).mean(axis=0)
 
 
-def fold_into_linear(W: dict, prev: str, lin: str, s: np.ndarray, index: np.ndarray | None = None) -> None:
-    W[prev + ".weight"] = (W[prev + ".weight"] / s[:, None]).astype(np.float32)
-    if prev + ".bias" in W:
-        W[prev + ".bias"] = (W[prev + ".bias"] / s).astype(np.float32)
-    s_in = s if index is None else s[index]
-    W[lin + ".weight"] = (W[lin + ".weight"] * s_in[None, :]).astype(np.float32)
+def apply_fold(fold, s: np.ndarray, block, lins: dict) -> Callable[[], None]:
+    """Divide the producer's channels by ``s`` and multiply the consumers' input
+    columns by it (``s [E, n]`` per expert for ``experts`` folds). Returns an undo."""
+    import mlx.core as mx
+
+    from squish.quant.folds import _scaled_norm_weights
+
+    undo_lins = {p: (lins[p].w, lins[p].b) for p in (fold.producer, *fold.consumers) if p in lins}
+    undo_mod = None
+    s = s.astype(np.float32)
+    if fold.style in ("norm", "norm1p"):
+        mod = dict(block.named_modules())[fold.producer]
+        undo_mod = (mod, {k: mod[k] for k in ("weight", "bias") if k in mod})
+        mod.update(_scaled_norm_weights(mod, s, fold.style))
+        for c in fold.consumers:
+            lins[c].w = lins[c].w * s  # last axis: input columns (dense or experts)
+    elif fold.style == "linear":
+        P = lins[fold.producer]
+        P.w = P.w / s[:, None]
+        if P.b is not None:
+            P.b = P.b / s
+        s_in = s if fold.index is None else s[fold.index]
+        for c in fold.consumers:
+            lins[c].w = lins[c].w * s_in
+    else:  # experts: s [E, n], identity map per expert
+        P = lins[fold.producer]
+        P.w = P.w / s[:, :, None]
+        if P.b is not None:
+            P.b = P.b / s
+        for c in fold.consumers:
+            lins[c].w = lins[c].w * s[:, None, :]
+
+    def undo():
+        for p, (w, b) in undo_lins.items():
+            lins[p].w, lins[p].b = w, b
+        if undo_mod is not None:
+            undo_mod[0].update(undo_mod[1])
+
+    mx.eval([])
+    return undo
 
 
-ALL_POINTS = ("attn_in", "v->o", "mlp_in", "up->down")
+def search_fold(fold, lins: dict, caps: dict, qbits: dict, gs: int, dtype: str, min_tokens: int,
+                max_rows: int = 1 << 15):
+    """AWQ factors for ``fold`` from the float block's captured inputs ``caps``.
+
+    ``caps[path]`` is a dense linear's input ``[n, in]`` or, for experts,
+    ``(rows [n, in], expert [n])``. ``qbits[path]`` is the bits of each quantized
+    linear (unquantized consumers take the factor but do not count). Returns
+    ``(s, summary)``."""
+    quant = [c for c in fold.consumers if c in qbits]
+    if fold.style == "experts":
+        return _search_experts(fold, lins, caps, qbits, gs, dtype, min_tokens)
+    x = _consumer_input(fold, caps)
+    bits = min(qbits[c] for c in quant) if quant else 8
+    Ws = []
+    for c in quant:
+        w = lins[c].w
+        if w.ndim == 3:  # experts reading the norm: a bounded sample of their rows
+            w = w.reshape(-1, w.shape[-1])
+            if w.shape[0] > max_rows:
+                w = w[np.random.default_rng(0).choice(w.shape[0], max_rows, replace=False)]
+        Ws.append(w)
+    if not Ws:
+        return None, {"alpha": None, "why": "no quantized consumer"}
+    am = absmean(x)
+    if fold.index is not None:
+        n = int(fold.index.max()) + 1
+        am = np.bincount(fold.index, weights=am, minlength=n) / np.maximum(np.bincount(fold.index, minlength=n), 1)
+    s, alpha, ratio = search_scale(am, Ws, hessian(x), bits, gs, dtype, index=fold.index)
+    return s, {"alpha": alpha, "err_ratio": round(ratio, 4)}
 
 
-def scale_block(W: dict, cap: dict, arch, bits: int, gs: int, dtype: str, points=ALL_POINTS) -> dict:
-    """Search and fold all four scale points of one block in place.
-
-    ``cap`` holds the float block's linear inputs (``attn_in``, ``o_in``,
-    ``mlp_in``, ``down_in``) for the unscaled weights. Returns a summary
-    ``{point: {"alpha": .., "err_ratio": ..}}``.
-    """
-    from squish.quant.gptq import hessian
-
-    summary = {}
-
-    def absmean(x):
-        return np.abs(x.reshape(-1, x.shape[-1])).mean(axis=0)
-
-    qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
-    if "attn_in" in points:
-        _point_attn(W, cap, qkv, bits, gs, dtype, summary, absmean, hessian)
-    if "v->o" in points:
-        _point_vo(W, cap, arch, bits, gs, dtype, summary, absmean, hessian)
-    if "mlp_in" in points:
-        _point_mlp(W, cap, bits, gs, dtype, summary, absmean, hessian)
-    if "up->down" in points:
-        _point_down(W, cap, bits, gs, dtype, summary, absmean, hessian)
-    return summary
+def _consumer_input(fold, caps: dict) -> np.ndarray:
+    dense = [caps[c] for c in fold.consumers if c in caps and not isinstance(caps[c], tuple)]
+    if dense:
+        return dense[0]
+    return caps[fold.consumers[0]][0]
 
 
-def _point_attn(W, cap, qkv, bits, gs, dtype, summary, absmean, hessian):
-    H = hessian(cap["attn_in"])
-    s, a, r = search_scale(absmean(cap["attn_in"]), [W[k + ".weight"] for k in qkv], H, bits, gs, dtype)
-    fold_into_norm(W, "input_layernorm", qkv, s)
-    summary["attn_in"] = {"alpha": a, "err_ratio": round(r, 4)}
-
-
-def _point_vo(W, cap, arch, bits, gs, dtype, summary, absmean, hessian):
-    idx = vo_index(arch.n_heads, arch.n_kv, arch.head_dim)
-    am = absmean(cap["o_in"])
-    n = arch.n_kv * arch.head_dim
-    am_v = np.bincount(idx, weights=am, minlength=n) / np.bincount(idx, minlength=n)
-    s, a, r = search_scale(am_v, [W["self_attn.o_proj.weight"]], hessian(cap["o_in"]), bits, gs, dtype, index=idx)
-    fold_into_linear(W, "self_attn.v_proj", "self_attn.o_proj", s, idx)
-    summary["v->o"] = {"alpha": a, "err_ratio": round(r, 4)}
-
-
-def _point_mlp(W, cap, bits, gs, dtype, summary, absmean, hessian):
-    mlp = ["mlp.gate_proj", "mlp.up_proj"]
-    s, a, r = search_scale(absmean(cap["mlp_in"]), [W[k + ".weight"] for k in mlp], hessian(cap["mlp_in"]), bits, gs, dtype)
-    fold_into_norm(W, "post_attention_layernorm", mlp, s)
-    summary["mlp_in"] = {"alpha": a, "err_ratio": round(r, 4)}
-
-
-def _point_down(W, cap, bits, gs, dtype, summary, absmean, hessian):
-    s, a, r = search_scale(absmean(cap["down_in"]), [W["mlp.down_proj.weight"]], hessian(cap["down_in"]), bits, gs, dtype)
-    fold_into_linear(W, "mlp.up_proj", "mlp.down_proj", s)
-    summary["up->down"] = {"alpha": a, "err_ratio": round(r, 4)}
+def _search_experts(fold, lins, caps, qbits, gs, dtype, min_tokens):
+    C = fold.consumers[0]
+    rows, expert = caps[C]
+    E, n_out, n_in = lins[C].w.shape
+    s = np.ones((E, n_in), np.float32)
+    alphas, skipped = [], 0
+    for e in range(E):
+        x = rows[expert == e]
+        if C not in qbits or x.shape[0] < min_tokens:
+            skipped += 1
+            continue
+        se, a, _ = search_scale(absmean(x), [lins[C].w[e]], hessian(x), qbits[C], gs, dtype)
+        s[e] = se
+        alphas.append(a)
+    return s, {"alpha": round(float(np.mean(alphas)), 3) if alphas else None,
+               "experts_unscaled": skipped}

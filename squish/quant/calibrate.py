@@ -22,7 +22,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from squish.quant import npforward as nf
 from squish.quant.reference import Reference
 from squish.errors import InputError
 
@@ -125,17 +124,78 @@ def _banned(tokenizer, vocab: int) -> list[int]:
 
 
 def _self_generated(ref, tokenizer, n, L, rng, temperature, top_p):
-    arch = nf.make_arch(ref.config, max_pos=2 * L + 8)
-    T = ref.tensors()
-    layers = nf.StreamedLayers(ref.tensors, arch.n_layers)  # one layer in float32 at a time
-    embed = nf.VocabRows(T["model.embed_tokens.weight"])  # as stored; float32 by rows / vocab chunks
-    head = embed if arch.tied or "lm_head.weight" not in T else nf.VocabRows(T["lm_head.weight"])
-    lm = nf.NumpyLM(arch, layers, embed, np.array(T["model.norm.weight"].astype(mx.float32)), head)
+    """Seeded sampling on the float reference through its own mlx_lm graph (products in
+    numpy, ``squish.quant.passes``): batched with mlx_lm's BatchGenerator (left-padded
+    prompts, the model's own caches), or one sequence at a time where that fails."""
+    from squish.quant.graph import Graph, build_model
+    from squish.quant.passes import Runner
+
+    gr = Graph(build_model(ref.config))
+    vocab = int(ref.config.get("vocab_size") or 0) or None
     order = rng.permutation(len(PROMPTS))
     prompts = [_prompt_ids(tokenizer, PROMPTS[order[i % len(PROMPTS)]]) for i in range(n)]
     prompts = [p[-(L // 2):] for p in prompts]  # keep at least half of each sample generated
     n_new = L - min(len(p) for p in prompts)
-    out = lm.generate(prompts, n_new, rng, temperature, top_p, _banned(tokenizer, arch.vocab))
-    toks = np.stack([np.array(o[:L]) for o in out])
-    return toks, {"source": "self-generated", "prompts": len(PROMPTS), "temperature": temperature,
-                  "top_p": top_p}
+    banned = mx.array(_banned(tokenizer, vocab or 1 << 30), dtype=mx.int32)
+
+    def ban(tokens, logits):
+        return logits if banned.size == 0 else _ban(logits, banned)
+
+    seed = int(rng.integers(0, 2**31 - 1))
+    summary = {"source": "self-generated", "prompts": len(PROMPTS), "temperature": temperature, "top_p": top_p}
+    with Runner(gr, ref) as run:
+        try:
+            out = _batched(run.model, prompts, n_new, _Sampler(seed, temperature, top_p), ban)
+        except Exception as e:  # an mlx_lm model whose attention cannot take batched masks
+            out = [_one(run.model, p, n_new, _Sampler(seed + i, temperature, top_p), ban)
+                   for i, p in enumerate(prompts)]
+            summary["unbatched"] = f"mlx_lm's batched generation failed for this model ({type(e).__name__}: {e})"[:300]
+    toks = np.stack([np.array((p + o)[:L]) for p, o in zip(prompts, out)])
+    return toks, summary
+
+
+def _batched(model, prompts, n_new, sampler, ban) -> list[list[int]]:
+    """mlx_lm's BatchGenerator: left-padded prompts, the model's own caches."""
+    from mlx_lm.generate import BatchGenerator
+
+    n = len(prompts)
+    gen = BatchGenerator(model, max_tokens=n_new, stop_tokens=[], logits_processors=[ban], sampler=sampler,
+                         completion_batch_size=n, prefill_batch_size=n)
+    try:
+        uids = gen.insert(prompts, [n_new] * n)
+        out = {u: [] for u in uids}
+        while responses := gen.next_generated():
+            for r in responses:
+                out[r.uid].append(int(r.token))
+    finally:
+        gen.close()
+    return [out[u] for u in uids]
+
+
+def _one(model, prompt, n_new, sampler, ban) -> list[int]:
+    from mlx_lm.generate import generate_step
+
+    steps = generate_step(mx.array(prompt), model, max_tokens=n_new, sampler=sampler, logits_processors=[ban])
+    return [int(t) for t, _ in steps]
+
+
+class _Sampler:
+    """Temperature + nucleus sampling on its own key sequence: the samples depend on the
+    seed only, not on whatever else draws from MLX's global random state (building an
+    mlx_lm model does, and a streamed source builds one per pass)."""
+
+    def __init__(self, seed: int, temperature: float, top_p: float):
+        self.key = mx.random.key(seed)
+        self.inv_t, self.top_p = 1.0 / max(temperature, 1e-6), top_p
+
+    def __call__(self, logprobs):
+        from mlx_lm.sample_utils import apply_top_p
+
+        self.key, sub = mx.random.split(self.key)
+        return mx.random.categorical(apply_top_p(logprobs, self.top_p) * self.inv_t, key=sub)
+
+
+def _ban(logits, banned):
+    mask = mx.zeros((logits.shape[-1],), dtype=logits.dtype)
+    mask[banned] = -float("inf")
+    return logits + mask

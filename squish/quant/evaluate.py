@@ -1,13 +1,15 @@
 """Quality gate: a built artifact vs its float reference on held-out text.
 
 The artifact is loaded with ``mlx_lm.utils.load`` exactly as a user would load
-it (``QuantizedLinear`` / ``QuantizedEmbedding`` built from config.json). Its
-weights are then dequantized with ``mx.dequantize`` - the same arithmetic the
-quantized kernels do - and the distribution metrics run through the numpy
-forward (``squish.quant.npforward``), ~30x faster than MLX's CPU GEMM. That
-shortcut is checked, not assumed: ``runtime_consistency`` compares the logits of
-the real mlx_lm quantized model with the numpy path on a prefix of the first
-window, and the gate fails if they differ.
+it (``QuantizedLinear`` / ``QuantizedEmbedding`` built from config.json). Both it
+and the float reference run through the model's own mlx_lm forward pass
+(``squish.quant.passes.Runner``: every op is mlx_lm's, including any logit
+soft-capping or scaling after the head), with the products of linear layers in
+numpy on weights dequantized by ``mx.dequantize`` - the arithmetic of the
+quantized kernels - because MLX's CPU GEMM is ~30x slower. That shortcut is
+checked, not assumed: ``runtime_consistency`` compares the logits of the real
+mlx_lm quantized model with the numpy path on a prefix of the first window, and
+the gate fails if they differ.
 
 Metrics (next-token distributions, float32, non-overlapping windows of
 ``window`` tokens over ``data/heldout.txt``, which is original prose written for
@@ -28,7 +30,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from squish.quant import npforward as nf
 from squish.quant.reference import Reference
 
 HELDOUT = Path(__file__).parent / "data" / "heldout.txt"
@@ -153,65 +154,6 @@ def heldout_windows(tokenizer, window: int, max_windows: int | None, path: Path 
     return np.array(ids[: n * window], dtype=np.int64).reshape(n, window)
 
 
-def _dense(module: nn.Module, prefix: str = "") -> dict[str, np.ndarray]:
-    """Float32 numpy weights of ``module`` (keys under ``prefix``), quantized linears and
-    embeddings dequantized."""
-    from mlx.utils import tree_flatten
-
-    def key(*parts: str) -> str:
-        return ".".join(p for p in (prefix, *parts) if p)
-
-    flat = dict(tree_flatten(module.parameters()))
-    dense: dict[str, np.ndarray] = {}
-    for name, mod in module.named_modules():
-        if isinstance(mod, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            w = mx.dequantize(mod.weight, mod.scales, mod.biases, group_size=mod.group_size,
-                              bits=mod.bits, mode=getattr(mod, "mode", "affine"))
-            dense[key(name, "weight")] = np.array(w.astype(mx.float32))
-            if "bias" in mod:
-                dense[key(name, "bias")] = np.array(mod["bias"].astype(mx.float32))
-    for k, v in flat.items():
-        base = k.rsplit(".", 1)[0] if "." in k else ""
-        if (base + ".scales" if base else "scales") in flat or key(k) in dense:
-            continue
-        dense[key(k)] = np.array(v.astype(mx.float32))
-    return dense
-
-
-class _QuantizedBlocks:
-    """The model's blocks as float32 dicts, dequantized one at a time per pass."""
-
-    def __init__(self, model: nn.Module):
-        self.blocks = model.model.layers
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __iter__(self):
-        return (_dense(block) for block in self.blocks)
-
-
-def quantized_layers(model: nn.Module) -> tuple[_QuantizedBlocks, nf.VocabRows, np.ndarray, nf.VocabRows]:
-    """An mlx_lm model's weights for the numpy passes: the blocks (dequantized to
-    float32 per pass, one at a time), the embedding and head as stored (dequantized
-    by rows / vocab chunks, :class:`npforward.VocabRows`), the final norm in float32."""
-    embed = nf.VocabRows.of(model.model.embed_tokens)
-    head = nf.VocabRows.of(model.lm_head) if "lm_head" in model else embed
-    norm = _dense(model.model.norm, "model.norm")["model.norm.weight"]
-    return _QuantizedBlocks(model), embed, norm, head
-
-
-def _final_hidden_ref(ref: Reference, arch, toks):
-    T = ref.tensors()
-    x = np.array(mx.take(T["model.embed_tokens.weight"], mx.array(toks), axis=0).astype(mx.float32))
-    for i in range(arch.n_layers):
-        x = nf.block(x, nf.layer_weights(T, i, take=True), arch)
-    x = nf.rmsnorm(x, np.array(T["model.norm.weight"].astype(mx.float32)), arch.eps)
-    head = T.get("lm_head.weight") if not arch.tied else None
-    head = T["model.embed_tokens.weight"] if head is None else head
-    return x, nf.VocabRows(head)
-
-
 def _log_softmax(z):
     z = z - z.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
@@ -220,46 +162,70 @@ def _log_softmax(z):
 LOGITS_BLOCK = 1 << 23  # float32 logits per block of positions (32 MB; a few such temporaries live at once)
 
 
-def distribution_metrics(ref_hidden, ref_head, q_hidden, q_head, toks) -> dict:
-    """KLD / top-1 / ppl / max|dlogit| / non-finite count over windows ``toks [n, L]``.
+class Metrics:
+    """KLD / top-1 / ppl / max|dlogit| / non-finite count, accumulated window by window.
 
-    ``*_hidden [n, L, D]`` are final hidden states (after the last norm), ``*_head``
-    the LM heads (numpy or ``VocabRows``). Logits are formed for a block of
-    positions at a time (``LOGITS_BLOCK`` values), never for all windows at once."""
-    n, L = toks.shape
-    kld_sum = top1 = count = 0.0
-    nll_ref = nll_q = 0.0
-    npred = 0
-    max_d = 0.0
-    nonfinite = 0
-    vocab = ref_head.shape[0]
-    step = max(1, min(L, LOGITS_BLOCK // vocab))
-    for w, p0 in ((w, p0) for w in range(n) for p0 in range(0, L, step)):
-        sl = (w, slice(p0, p0 + step))
-        lr = nf.project(ref_hidden[sl], ref_head)
-        lq = nf.project(q_hidden[sl], q_head)
-        nonfinite += int((~np.isfinite(lq)).sum())
-        lq = np.nan_to_num(lq, nan=0.0, posinf=1e4, neginf=-1e4)
-        max_d = max(max_d, float(np.abs(lr - lq).max()))
-        pr, pq = _log_softmax(lr), _log_softmax(lq)
-        kld_sum += float((np.exp(pr) * (pr - pq)).sum())
-        top1 += float((lr.argmax(-1) == lq.argmax(-1)).sum())
-        count += lr.shape[0]
-        tgt = toks[w, p0 + 1:p0 + step + 1]  # position p predicts token p + 1 of its window
-        nll_ref -= float(np.take_along_axis(pr[:len(tgt)], tgt[:, None], -1).sum())
-        nll_q -= float(np.take_along_axis(pq[:len(tgt)], tgt[:, None], -1).sum())
-        npred += tgt.size
-    ppl_r, ppl_q = float(np.exp(nll_ref / npred)), float(np.exp(nll_q / npred))
-    return {
-        "mean_kld": kld_sum / count,
-        "top1_agreement": top1 / count,
-        "ppl_ref": ppl_r,
-        "ppl_quant": ppl_q,
-        "ppl_delta": ppl_q / ppl_r - 1.0,
-        "max_abs_dlogit": max_d,
-        "nonfinite_logits": nonfinite,
-        "tokens": int(count),
-    }
+    ``add(lr, lq, toks)`` takes the reference and quantized logits ``[L, V]`` of one
+    window and its tokens ``[L]``; log-softmaxes are formed for a block of positions
+    at a time (``LOGITS_BLOCK`` values)."""
+
+    def __init__(self):
+        self.kld = self.top1 = self.count = self.nll_ref = self.nll_q = 0.0
+        self.npred, self.max_d, self.nonfinite = 0, 0.0, 0
+
+    def add(self, lr: np.ndarray, lq: np.ndarray, toks: np.ndarray) -> None:
+        L, vocab = lr.shape
+        step = max(1, min(L, LOGITS_BLOCK // vocab))
+        for p0 in range(0, L, step):
+            a, b = lr[p0:p0 + step].astype(np.float32), lq[p0:p0 + step].astype(np.float32)
+            self.nonfinite += int((~np.isfinite(b)).sum())
+            b = np.nan_to_num(b, nan=0.0, posinf=1e4, neginf=-1e4)
+            self.max_d = max(self.max_d, float(np.abs(a - b).max()))
+            pr, pq = _log_softmax(a), _log_softmax(b)
+            self.kld += float((np.exp(pr) * (pr - pq)).sum())
+            self.top1 += float((a.argmax(-1) == b.argmax(-1)).sum())
+            self.count += a.shape[0]
+            tgt = toks[p0 + 1:p0 + step + 1]  # position p predicts token p + 1 of its window
+            self.nll_ref -= float(np.take_along_axis(pr[:len(tgt)], tgt[:, None], -1).sum())
+            self.nll_q -= float(np.take_along_axis(pq[:len(tgt)], tgt[:, None], -1).sum())
+            self.npred += tgt.size
+
+    def result(self) -> dict:
+        ppl_r, ppl_q = float(np.exp(self.nll_ref / self.npred)), float(np.exp(self.nll_q / self.npred))
+        return {
+            "mean_kld": self.kld / self.count,
+            "top1_agreement": self.top1 / self.count,
+            "ppl_ref": ppl_r,
+            "ppl_quant": ppl_q,
+            "ppl_delta": ppl_q / ppl_r - 1.0,
+            "max_abs_dlogit": self.max_d,
+            "nonfinite_logits": self.nonfinite,
+            "tokens": int(self.count),
+        }
+
+
+def compare_models(ref: Reference, model, toks: np.ndarray, *, quant_ref: Reference | None = None
+                   ) -> tuple[dict, np.ndarray]:
+    """Distribution metrics of ``model`` (a loaded mlx_lm model; or, for memory
+    measurements, a second reference ``quant_ref``) against ``ref`` on the windows
+    ``toks [n, L]``, both through their own forward passes (numpy products). Also
+    returns the quantized side's logits for the first window."""
+    from squish.quant.graph import Graph, build_model
+    from squish.quant.passes import Runner
+
+    acc = Metrics()
+    first = None
+    other = Runner(Graph(build_model(quant_ref.config)), quant_ref) if quant_ref else Runner(Graph(model))
+    with Runner(Graph(build_model(ref.config)), ref) as r, other as q:
+        for w in range(toks.shape[0]):
+            ids = mx.array(toks[w:w + 1])
+            lr = np.array(r.model(ids)[0].astype(mx.float32))
+            lq = np.array(q.model(ids)[0].astype(mx.float32))
+            acc.add(lr, lq, toks[w])
+            if first is None:
+                first = lq
+            del lr, lq
+    return acc.result(), first
 
 
 def evaluate(ref: Reference, artifact_dir: Path, *, bits: int | None = None,
@@ -277,22 +243,14 @@ def evaluate(ref: Reference, artifact_dir: Path, *, bits: int | None = None,
         bits = json.loads((Path(artifact_dir) / "config.json").read_text())["quantization"]["bits"]
     th = thresholds or THRESHOLDS[bits]
     toks = heldout_windows(tokenizer, window, max_windows)
-    arch = nf.make_arch(ref.config, max_pos=window + 8)
-    layers, embed, norm, head = quantized_layers(model)
-    qlm = nf.NumpyLM(arch, layers, embed, norm, head)
-    ref_hidden, ref_head = _final_hidden_ref(ref, arch, toks)
-
-    xq = embed[toks]
-    for W in layers:
-        xq = nf.block(xq, W, arch)
-    xq = nf.rmsnorm(xq, norm, arch.eps)
-    metrics = distribution_metrics(ref_hidden, ref_head, xq, head, toks)
+    metrics, first = compare_models(ref, model, toks)
     del q
 
-    # the shortcut must agree with the real quantized runtime
-    pre = toks[:1, :64]
-    real = np.array(model(mx.array(pre)).astype(mx.float32))
-    metrics["runtime_consistency_max_abs"] = float(np.abs(real - qlm.logits(pre)).max())
+    # the shortcut must agree with the real quantized runtime (causal: a prefix's logits
+    # are the first window's first positions)
+    n = min(64, toks.shape[1])
+    real = np.array(model(mx.array(toks[:1, :n])).astype(mx.float32))[0]
+    metrics["runtime_consistency_max_abs"] = float(np.abs(real - first[:n]).max())
     metrics["runtime_nonfinite"] = int((~np.isfinite(real)).sum())
 
     checks = [

@@ -72,17 +72,20 @@ def check_options(opts: BuildOptions) -> str:
 
 
 def estimate_bytes(config: dict, bits: int, group_size: int, dtype: str) -> int:
-    """Upper bound on the artifact size (embeddings and lm_head counted at 8 bits)."""
-    h = config["hidden_size"]
-    n_layers = config["num_hidden_layers"]
-    heads = config["num_attention_heads"]
-    kv = config.get("num_key_value_heads", heads)
-    hd = config.get("head_dim") or h // heads
-    inter = config["intermediate_size"]
-    per_layer = h * hd * (2 * heads + 2 * kv) + 3 * h * inter
-    embed = config["vocab_size"] * h * (1 if config.get("tie_word_embeddings", False) else 2)
+    """Upper bound on the artifact size: every parameter of mlx_lm's model for ``config``
+    (shapes only, nothing allocated) at ``bits`` plus scales/biases, those outside the
+    decoder blocks at 8 bits."""
+    from mlx.utils import tree_flatten
+
+    from squish.quant.graph import Graph, build_model
+
+    gr = Graph(build_model(config))
     overhead = 2 * DTYPE_BYTES[dtype] / group_size  # scales + biases per weight
-    return int(n_layers * per_layer * (bits / 8 + overhead) + embed * (1 + overhead)) + (16 << 20)
+    total = 0.0
+    for k, v in tree_flatten(gr.model.parameters()):
+        inside = gr.block_of(k) is not None
+        total += v.size * ((bits / 8 if inside else 1) + overhead)
+    return int(total) + (16 << 20)
 
 
 def _progress(quiet: bool):

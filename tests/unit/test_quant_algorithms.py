@@ -1,5 +1,5 @@
-"""AWQ folding is exact; calibrated quantization beats RTN on outlier channels;
-spec validation; thresholds and the repetition detector."""
+"""Calibrated quantization beats RTN on outlier channels; spec validation; thresholds and
+the repetition detector. (Fold discovery and exactness: tests/integration/test_folds.py.)"""
 
 from __future__ import annotations
 
@@ -9,63 +9,8 @@ import pytest
 from squish.quant import awq
 from squish.quant.evaluate import THRESHOLDS, QualityReport, Thresholds, repetition_loop
 from squish.quant.gptq import HessianPrep, dequantize, gptq, hessian, output_error, rtn
-from squish.quant.npforward import Arch, block
 from squish.quant.quantize import Method, QuantSpec
 from squish.errors import InputError
-
-
-def _arch(n_heads=4, n_kv=2, hd=8, hidden=32):
-    L = 64
-    ang = np.arange(L)[:, None] * (10000.0 ** (-np.arange(hd // 2) * 2 / hd))[None]
-    diag = np.concatenate([np.cos(ang), np.cos(ang)], 1).astype(np.float32)
-    off = np.concatenate([-np.sin(ang), np.sin(ang)], 1).astype(np.float32)
-    partner = np.concatenate([np.arange(hd // 2, hd), np.arange(hd // 2)])
-    return Arch(n_layers=1, hidden=hidden, n_heads=n_heads, n_kv=n_kv, head_dim=hd, eps=1e-5,
-                qk_norm=False, tied=True, vocab=10, rope_diag=diag, rope_off=off, rope_partner=partner)
-
-
-def _block_weights(arch, rng, inter=64, bias=True):
-    d, hd = arch.hidden, arch.head_dim
-    W = {
-        "input_layernorm.weight": rng.uniform(0.5, 1.5, d),
-        "post_attention_layernorm.weight": rng.uniform(0.5, 1.5, d),
-        "self_attn.q_proj.weight": rng.normal(size=(arch.n_heads * hd, d)) * 0.2,
-        "self_attn.k_proj.weight": rng.normal(size=(arch.n_kv * hd, d)) * 0.2,
-        "self_attn.v_proj.weight": rng.normal(size=(arch.n_kv * hd, d)) * 0.2,
-        "self_attn.o_proj.weight": rng.normal(size=(d, arch.n_heads * hd)) * 0.2,
-        "mlp.gate_proj.weight": rng.normal(size=(inter, d)) * 0.2,
-        "mlp.up_proj.weight": rng.normal(size=(inter, d)) * 0.2,
-        "mlp.down_proj.weight": rng.normal(size=(d, inter)) * 0.2,
-    }
-    if bias:  # qwen2-style q/k/v biases
-        for k in ("q", "k", "v"):
-            W[f"self_attn.{k}_proj.bias"] = rng.normal(size=W[f"self_attn.{k}_proj.weight"].shape[0]) * 0.1
-    return {k: v.astype(np.float32) for k, v in W.items()}
-
-
-def test_awq_folding_preserves_the_float_block_exactly():
-    rng = np.random.default_rng(0)
-    arch = _arch()
-    W = _block_weights(arch, rng)
-    x = rng.normal(size=(2, 12, arch.hidden)).astype(np.float32)
-    x[..., 3] *= 20  # an outlier channel
-    y0 = block(x, W, arch)
-    cap = {}
-    block(x, W, arch, capture=cap)
-    W2 = dict(W)
-    awq.scale_block(W2, cap, arch, bits=4, gs=32, dtype="float32")
-    assert any(not np.array_equal(W[k], W2[k]) for k in W)
-    np.testing.assert_allclose(block(x, W2, arch), y0, rtol=1e-4, atol=1e-4)
-    # arbitrary (non-searched) factors, GQA v->o included
-    W3 = dict(W)
-    s = rng.uniform(0.3, 3.0, arch.n_kv * arch.head_dim).astype(np.float32)
-    awq.fold_into_linear(W3, "self_attn.v_proj", "self_attn.o_proj", s,
-                         awq.vo_index(arch.n_heads, arch.n_kv, arch.head_dim))
-    s2 = rng.uniform(0.3, 3.0, arch.hidden).astype(np.float32)
-    awq.fold_into_norm(W3, "input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], s2)
-    s3 = rng.uniform(0.3, 3.0, 64).astype(np.float32)
-    awq.fold_into_linear(W3, "mlp.up_proj", "mlp.down_proj", s3)
-    np.testing.assert_allclose(block(x, W3, arch), y0, rtol=1e-4, atol=1e-4)
 
 
 def test_calibrated_beats_rtn_on_outlier_channels():
