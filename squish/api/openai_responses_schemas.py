@@ -5,8 +5,8 @@ Validated before any tokenization, as the Chat Completions schemas are
 value Squish does not implement are a 400 (``UnsupportedParameter``), types
 are strict, type/range problems are 422. Bookkeeping fields that cannot change
 the output (``metadata``, ``user``, ``safety_identifier``, ``prompt_cache_key``,
-``service_tier`` auto/default) are accepted and have no effect
-(docs/api-responses.md). The input items are ``openai_responses_items``.
+``service_tier`` auto/default, Codex's ``client_metadata``) are accepted and have
+no effect (docs/api-responses.md). The input items are ``openai_responses_items``.
 """
 
 from __future__ import annotations
@@ -123,6 +123,7 @@ class ResponseRequest(BaseModel):
     safety_identifier: str | None = Field(default=None, max_length=256)
     prompt_cache_key: str | None = Field(default=None, max_length=256)
     service_tier: Literal["auto", "default"] | None = None
+    client_metadata: dict[str, str] | None = None  # sent by Codex CLI
 
     @field_validator("input", mode="before")
     @classmethod

@@ -135,7 +135,8 @@ def run_sdk(app, fn):
 # ---- shapes and events ----------------------------------------------------------------------------
 def test_whole_response_shape_and_echo(client):
     body = ok(create(client, instructions="Be brief.", metadata={"k": "v"}, user="u1", top_p=0.9,
-                     safety_identifier="s", prompt_cache_key="p", service_tier="auto", truncation="disabled"))
+                     safety_identifier="s", prompt_cache_key="p", service_tier="auto", truncation="disabled",
+                     client_metadata={"session": "1"}))
     assert body["id"].startswith("resp_") and body["object"] == "response" and body["model"] == "tiny-4bit"
     assert body["status"] in ("completed", "incomplete")
     if body["status"] == "incomplete":
