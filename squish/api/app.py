@@ -25,13 +25,15 @@ from squish.api import middleware as mw
 from squish.api.errors import error_response, validation_error
 from squish.api.metrics import Metrics
 from squish.api.openai_chat import router as openai_chat
+from squish.api.openai_responses import router as openai_responses
+from squish.api.response_store import ResponseStore
 from squish.api.settings import ServeSettings
 from squish.serving.core import Core, Limits
 from squish.serving.errors import ServeError
 
 log = logging.getLogger("squish.api")
 
-ROUTERS = (openai_chat,)
+ROUTERS = (openai_chat, openai_responses)
 
 
 def create_app(settings: ServeSettings, engine, metrics: Metrics | None = None) -> FastAPI:
@@ -55,6 +57,7 @@ def create_app(settings: ServeSettings, engine, metrics: Metrics | None = None) 
                                                 max_tokens=settings.max_tokens),
                           request_timeout=settings.request_timeout, stats=metrics.tool_stats,
                           context_override=lambda: app.state.context_length)
+    app.state.responses = ResponseStore(settings.responses_store, settings.responses_store_mb << 20)
     for r in ROUTERS:
         app.include_router(r)
 

@@ -25,6 +25,8 @@ class ServeSettings:
     max_batch: int = 8
     max_queue: int = 64
     prefix_cache_mb: int | None = None  # None: scaled to the model (runtime.prompt_cache.auto_max_bytes)
+    responses_store: int = 1000  # stored OpenAI Responses (store: true), at most this many ...
+    responses_store_mb: int = 64  # ... and this many MiB of JSON; least recently used out; in memory only
 
     def check(self) -> None:
         """Raise ValueError for unsafe or impossible settings."""
@@ -42,3 +44,5 @@ class ServeSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.max_queue < 0 or (self.prefix_cache_mb or 0) < 0 or self.rate_limit_per_minute < 0:
             raise ValueError("--max-queue, --prefix-cache-mb and --rate-limit must not be negative")
+        if self.responses_store < 0 or self.responses_store_mb < 0:
+            raise ValueError("--responses-store and --responses-store-mb must not be negative")

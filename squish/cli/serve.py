@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model over an OpenAI-compatible HTTP API "
-                    "(/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).",
+                    "(/v1/chat/completions, /v1/completions, /v1/responses, /v1/models, /health, /metrics).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="model folder, local model name, catalog name or hub "
                    "repo id ORG/REPO (default: chosen for this machine; see the examples)")
@@ -60,6 +60,11 @@ def register(subparsers) -> None:
     p.add_argument("--prefix-cache-mb", type=int, default=None,
                    help="memory for reusing prompt prefixes across requests, 0 = off (default: the "
                         "model's weight size, at least 64, at most 10%% of RAM)")
+    p.add_argument("--responses-store", type=int, default=1000, metavar="N",
+                   help="OpenAI Responses kept in memory for previous_response_id and GET /v1/responses/ID, "
+                        "least recently used out, lost on restart; 0 = keep none (default 1000)")
+    p.add_argument("--responses-store-mb", type=int, default=64, metavar="MB",
+                   help="memory bound of the stored Responses, in MiB of JSON (default 64)")
     p.add_argument("--dry-run", action="store_true",
                    help="resolve the model and build the server, but do not load it or bind")
     p.add_argument("-q", "--quiet", action="store_true",
@@ -76,7 +81,8 @@ def _settings(args):
         max_body_bytes=args.max_body_kb * 1024, max_tokens=args.max_tokens,
         rate_limit_per_minute=args.rate_limit, rate_limit_burst=args.rate_burst,
         request_timeout=args.request_timeout, queue_timeout=args.queue_timeout,
-        max_batch=args.max_batch, max_queue=args.max_queue, prefix_cache_mb=args.prefix_cache_mb)
+        max_batch=args.max_batch, max_queue=args.max_queue, prefix_cache_mb=args.prefix_cache_mb,
+        responses_store=args.responses_store, responses_store_mb=args.responses_store_mb)
 
 
 def _banner(url: str, name: str, api_key: str | None) -> str:
