@@ -17,14 +17,13 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 
 from squish.api.common import UnsupportedParameter
 from squish.api.openai_responses_items import Item, messages, tag
-from squish.api.openai_schemas import STRICT
+from squish.api.openai_schemas import EFFORT_OFF, STRICT
 from squish.runtime.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from squish.serving.request import Job, Reasoning
 from squish.tools import spec
 from squish.tools.errors import ToolRequestError
 
 INCLUDABLE = ("reasoning.encrypted_content", "message.output_text.logprobs")
-EFFORT_OFF = ("none", "minimal")
 
 
 # ---- tools, text format, reasoning -------------------------------------------------------------------

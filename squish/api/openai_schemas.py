@@ -23,6 +23,7 @@ from squish.serving.request import Job, Message, Reasoning, ToolCallPart, check_
 from squish.tools import spec
 
 STRICT = ConfigDict(extra="forbid", strict=True)
+EFFORT_OFF = ("none", "minimal")  # reasoning efforts that switch a thinking section off
 
 
 class TextPart(BaseModel):
@@ -220,9 +221,9 @@ class ChatRequest(_Common):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
-    # Reasoning models: "none" switches the thinking section off, any other effort on (the
-    # chat templates Squish serves have an on/off switch only; docs/api.md).
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    # Reasoning models: "none" and "minimal" switch the thinking section off, any other effort
+    # on (the chat templates Squish serves have an on/off switch only; docs/api.md).
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -255,7 +256,7 @@ class ChatRequest(_Common):
                 raise UnsupportedParameter("chat_template_kwargs", "chat_template_kwargs.enable_thinking "
                                            "must be a boolean")
         if self.reasoning_effort is not None and self.chat_template_kwargs:
-            want = self.reasoning_effort != "none"
+            want = self.reasoning_effort not in EFFORT_OFF
             if self.chat_template_kwargs.get("enable_thinking", want) != want:
                 raise UnsupportedParameter("reasoning_effort", "reasoning_effort and "
                                            "chat_template_kwargs.enable_thinking disagree; send one")
@@ -266,7 +267,7 @@ class ChatRequest(_Common):
 
     def reasoning(self) -> Reasoning:
         if self.reasoning_effort is not None:
-            return Reasoning(self.reasoning_effort != "none", param="reasoning_effort")
+            return Reasoning(self.reasoning_effort not in EFFORT_OFF, param="reasoning_effort")
         if self.chat_template_kwargs and "enable_thinking" in self.chat_template_kwargs:
             return Reasoning(self.chat_template_kwargs["enable_thinking"], param="chat_template_kwargs")
         return Reasoning()
