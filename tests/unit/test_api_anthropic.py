@@ -192,6 +192,11 @@ def test_bookkeeping_fields_and_headers_are_accepted(tiny):
     assert r.status_code == 200, r.text
 
 
+def test_routes_are_in_the_openapi_document(tiny):
+    paths = tiny.get("/openapi.json", headers=HEADERS).json()["paths"]
+    assert "post" in paths["/v1/messages"] and "post" in paths["/v1/messages/count_tokens"]
+
+
 def test_auth_by_x_api_key_or_bearer(tiny):
     assert post(tiny, headers={"x-api-key": KEY}).status_code == 200
     assert post(tiny, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
