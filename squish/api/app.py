@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from squish.api import middleware as mw
+from squish.api.anthropic import router as anthropic
 from squish.api.errors import error_response, validation_error
 from squish.api.metrics import Metrics
 from squish.api.openai_chat import router as openai_chat
@@ -33,7 +34,7 @@ from squish.serving.errors import ServeError
 
 log = logging.getLogger("squish.api")
 
-ROUTERS = (openai_chat, openai_responses)
+ROUTERS = (openai_chat, openai_responses, anthropic)
 
 
 def create_app(settings: ServeSettings, engine, metrics: Metrics | None = None) -> FastAPI:

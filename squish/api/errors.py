@@ -4,7 +4,9 @@
   "type", "param", "code"}}``, so OpenAI SDKs raise the matching class
   (BadRequestError, AuthenticationError, ...).
 - Anthropic (``/v1/messages...``): ``{"type": "error", "error": {"type",
-  "message"}}`` with Anthropic's error types.
+  "message"}}`` with Anthropic's error types. Anthropic answers every invalid
+  request with 400 ``invalid_request_error`` (its SDKs raise BadRequestError),
+  so a 422 (a wrong type or an out-of-range value) is sent as 400 there.
 - Ollama (``/api/...``): ``{"error": "message"}``.
 
 Every error the server returns goes through ``error_response`` /
@@ -43,7 +45,7 @@ ANTHROPIC_TYPES = {
     429: "rate_limit_error",
     500: "api_error",
     503: "overloaded_error",
-    504: "api_error",
+    504: "timeout_error",
 }
 
 
@@ -78,6 +80,8 @@ def error_body(path: str, status: int, message: str, param: str | None = None, c
 
 
 def error_response(path: str, status: int, message: str, *, param=None, code=None, headers=None) -> JSONResponse:
+    if status == 422 and protocol(path) == "anthropic":
+        status = 400
     return JSONResponse(error_body(path, status, message, param, code), status_code=status, headers=headers)
 
 

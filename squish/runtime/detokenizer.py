@@ -48,13 +48,15 @@ class IncrementalDecoder:
 
 
 class TextStream:
-    """Token ids in, safe text deltas out; ``stopped`` once a stop string hit."""
+    """Token ids in, safe text deltas out; ``stopped`` once a stop string hit, and
+    ``stop_hit`` says which (the one the text was cut at; at a tie, the shortest)."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self._decoder = IncrementalDecoder(tokenizer)
         self._stop = tuple(s for s in stop if s)
         self._held = ""
         self.stopped = False
+        self.stop_hit: str | None = None
 
     def push(self, token: int) -> str:
         if self.stopped:
@@ -75,11 +77,12 @@ class TextStream:
         if not self._stop:
             return text
         buf = self._held + text
-        hits = [i for i in (buf.find(s) for s in self._stop) if i >= 0]
+        hits = [(i, len(s), s) for s, i in ((s, buf.find(s)) for s in self._stop) if i >= 0]
         if hits:
+            at, _, self.stop_hit = min(hits)
             self.stopped = True
             self._held = ""
-            return buf[: min(hits)]
+            return buf[:at]
         hold = 0
         for s in self._stop:
             for k in range(min(len(s) - 1, len(buf)), hold, -1):

@@ -96,6 +96,7 @@ class Finish:
     constraint_error: str | None = None
     closed_early: str | None = None  # the constraint closed a value early: "repetition" / "length"
     reasoning_closed: bool = False  # the processor closed a reasoning section at its budget
+    stop_sequence: str | None = None  # the stop string that ended generation (reason "stop")
 
 
 @dataclass
@@ -444,7 +445,8 @@ class Engine:
             problem = st.problem or ("grammar" if err is not None else None)
             final = Finish(final.reason, len(st.req.prompt), len(st.generated), st.cached, problem, err,
                            getattr(st.processor, "closed_early", None),
-                           bool(getattr(st.processor, "reasoning_closed", False)))
+                           bool(getattr(st.processor, "reasoning_closed", False)),
+                           st.stream.stop_hit if final.reason == "stop" else None)
             status = problem or final.reason  # metrics outcome: "repetition" / "grammar" when set
         else:
             status = final.kind

@@ -84,6 +84,7 @@ class _Counter:
         self.usage = Usage()
         self.cached_last = 0
         self.reasoning_closed = False
+        self.stop_sequence: str | None = None  # of the last attempt
 
     def add(self, final, prompt_len: int, reasoning_tokens: int) -> None:
         u = self.usage
@@ -93,12 +94,14 @@ class _Counter:
             u.cached_tokens += final.cached_tokens
             self.cached_last = final.cached_tokens
             self.reasoning_closed |= bool(getattr(final, "reasoning_closed", False))
+            self.stop_sequence = final.stop_sequence
         else:
             u.prompt_tokens += prompt_len
         u.reasoning_tokens += reasoning_tokens
 
     def done(self, reason: str, degraded: str | None = None) -> Done:
-        return Done(reason, self.usage, degraded, self.reasoning_closed, self.cached_last)
+        return Done(reason, self.usage, degraded, self.reasoning_closed, self.cached_last,
+                    self.stop_sequence if reason == "stop" and degraded is None else None)
 
 
 def engine_error(final: eng.Error) -> ServeError:

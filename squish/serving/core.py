@@ -130,6 +130,20 @@ class Core:
         return Plan(job, rid, ids, messages, task, constraint, max_tokens,
                     time.monotonic() + self.request_timeout, facts, kwargs, min_tokens=need)
 
+    async def count_tokens(self, job: Job) -> int:
+        """The length in tokens of the chat prompt ``prepare`` would render for ``job`` (tools
+        included); nothing is compiled or generated. Raises as ``prepare`` does (400 / 404 / 503)."""
+        info = self.model()
+        self.resolve_model(job.model)
+        self._check_limits(job)
+        kwargs = self._template_kwargs(job, info.facts)
+        messages = template_dicts(job.messages or [])
+        if job.structured:
+            ids = await self._render_tools(info.tokenizer, messages, self._task(job, info), kwargs)
+        else:
+            ids = await self._render(info.tokenizer, messages, kwargs, job.messages_param)
+        return len(ids)
+
     def _check_limits(self, job: Job) -> None:
         lim = self.limits
         if job.messages is not None:
@@ -187,19 +201,24 @@ class Core:
                               "thinking cannot be switched off", p, "reasoning_not_supported")
         return {}
 
+    @staticmethod
+    def _task(job: Job, info) -> loop.Task:
+        choice = job.tool_choice or ToolChoice("auto" if job.tools else "none")
+        return loop.Task(registry.by_name(info.facts.tool_family), job.tools, choice,
+                         job.parallel_tool_calls, job.output)
+
     def _compile(self, job: Job, info):
         """The tool / JSON task and its constraint (worker thread: llguidance compiles here)."""
-        family = registry.by_name(info.facts.tool_family)
-        choice = job.tool_choice or ToolChoice("auto" if job.tools else "none")
+        task = self._task(job, info)
         try:
             if job.output is not None:
                 constraint = constraints.json_output(info.tokenizer, job.output)
             else:
-                constraint = constraints.tool_calls(info.tokenizer, family, job.tools, choice,
+                constraint = constraints.tool_calls(info.tokenizer, task.family, job.tools, task.choice,
                                                     job.parallel_tool_calls)
         except ToolRequestError as exc:
             raise bad_request(str(exc), exc.param) from exc
-        return loop.Task(family, job.tools, choice, job.parallel_tool_calls, job.output), constraint
+        return task, constraint
 
     async def _render(self, tok, messages: list[dict], kwargs: dict, param: str) -> list[int]:
         try:

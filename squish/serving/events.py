@@ -67,6 +67,7 @@ class Done:
     degraded: str | None = None
     reasoning_closed: bool = False  # the reasoning section was closed at its budget
     cached_prompt_tokens: int = 0  # of the last attempt (for logs)
+    stop_sequence: str | None = None  # finish_reason "stop" because this client stop string hit
 
 
 Event = TextDelta | ReasoningDelta | ToolCall | Restart | Done

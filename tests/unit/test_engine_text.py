@@ -52,6 +52,20 @@ def test_earliest_of_several_stops_wins():
     assert stopped and "".join(chunks) == "abc "
 
 
+def test_the_stream_says_which_stop_string_hit():
+    def hit(text, stop):
+        ts = TextStream(ByteTokenizer(), stop)
+        for b in text.encode():
+            ts.push(b)
+        ts.finish()
+        return ts.stop_hit
+
+    assert hit("abc STOP xyz HALT", ("HALT", "STOP")) == "STOP"
+    assert hit("abc STOP", ("STOP", "ST")) == "ST"  # complete first, so the text is cut there
+    assert hit("café☕", ("é☕", "☕")) == "é☕"  # "☕" arrives whole: both match, the earlier start wins
+    assert hit("no stop here", ("HALT",)) is None
+
+
 def test_multibyte_stop_string():
     chunks, stopped = run("café☕ more", stop=["☕"])
     assert stopped and "".join(chunks) == "café"
