@@ -15,8 +15,8 @@ class ServeSettings:
     allow_unauthenticated_remote: bool = False
     cors_origins: list[str] = field(default_factory=list)
     max_body_bytes: int = 1 << 20
-    max_messages: int = 256
-    max_content_chars: int = 100_000
+    max_messages: int = 1024
+    max_content_chars: int = 500_000
     max_tokens: int = 4096
     rate_limit_per_minute: int = 120
     rate_limit_burst: int = 30

@@ -57,6 +57,10 @@ def register(subparsers) -> None:
     p.add_argument("--queue-timeout", type=float, default=60.0,
                    help="seconds a request may wait for a batch slot (default 60)")
     p.add_argument("--max-body-kb", type=int, default=1024, help="request body limit in KiB (default 1024)")
+    p.add_argument("--max-messages", type=int, default=1024,
+                   help="messages (or input items) per request at most (default 1024)")
+    p.add_argument("--max-chars", type=int, default=500_000,
+                   help="characters of message text per request at most (default 500000)")
     p.add_argument("--prefix-cache-mb", type=int, default=None,
                    help="memory for reusing prompt prefixes across requests, 0 = off (default: the "
                         "model's weight size, at least 64, at most 10%% of RAM)")
@@ -78,7 +82,8 @@ def _settings(args):
     return ServeSettings(
         host=args.host, port=args.port, api_key=args.api_key or None,
         allow_unauthenticated_remote=args.insecure_no_auth, cors_origins=args.cors_origin,
-        max_body_bytes=args.max_body_kb * 1024, max_tokens=args.max_tokens,
+        max_body_bytes=args.max_body_kb * 1024, max_messages=args.max_messages,
+        max_content_chars=args.max_chars, max_tokens=args.max_tokens,
         rate_limit_per_minute=args.rate_limit, rate_limit_burst=args.rate_burst,
         request_timeout=args.request_timeout, queue_timeout=args.queue_timeout,
         max_batch=args.max_batch, max_queue=args.max_queue, prefix_cache_mb=args.prefix_cache_mb,

@@ -42,8 +42,8 @@ DEFAULT_ALIASES = ("default",)  # model names every route accepts for the served
 class Limits:
     """Caps applied to every request (``squish serve`` options)."""
 
-    max_messages: int = 256
-    max_content_chars: int = 100_000
+    max_messages: int = 1024
+    max_content_chars: int = 500_000
     max_tokens: int = 4096
 
 
