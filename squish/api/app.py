@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from squish.api import middleware as mw
 from squish.api.errors import error_response, validation_error
 from squish.api.metrics import Metrics
+from squish.api.ollama import router as ollama
 from squish.api.openai_chat import router as openai_chat
 from squish.api.settings import ServeSettings
 from squish.serving.core import Core, Limits
@@ -31,7 +32,7 @@ from squish.serving.errors import ServeError
 
 log = logging.getLogger("squish.api")
 
-ROUTERS = (openai_chat,)
+ROUTERS = (openai_chat, ollama)
 
 
 def create_app(settings: ServeSettings, engine, metrics: Metrics | None = None) -> FastAPI:
