@@ -25,14 +25,15 @@ import json
 import time
 
 from fastapi import APIRouter, Request
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from squish.api import ollama_models as om
 from squish.api.common import UnsupportedParameter, core, ndjson, reply_headers, request_id, stream_reply, \
     whole_reply
-from squish.api.ollama_schemas import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, ChatRequest, \
-    GenerateRequest, ShowRequest
+from squish.api.ollama_schemas import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, OllamaChatRequest, \
+    OllamaGenerateRequest, OllamaShowRequest
 from squish.runtime.engine import TokenLogprob
 from squish.serving.errors import ServeError, bad_request
 from squish.serving.events import Done, ReasoningDelta, Reply, TextDelta, ToolCall
@@ -46,7 +47,26 @@ MIN_LOGPROB = -9999.0  # JSON has no -inf
 DONE_REASON = {"stop": "stop", "length": "length", "tool_calls": "stop"}  # Ollama ends tool calls with "stop"
 SAMPLING_DEFAULTS = {"temperature": DEFAULT_TEMPERATURE, "top_k": DEFAULT_TOP_K, "top_p": DEFAULT_TOP_P}
 
-router = APIRouter()
+
+
+class AnyJSONRoute(APIRoute):
+    """Reads a POST body as JSON whatever its Content-Type, as Ollama does: the ``curl -d``
+    examples of its docs send ``application/x-www-form-urlencoded``."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def as_json(request: Request):
+            if request.method == "POST" and "json" not in request.headers.get("content-type", ""):
+                headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+                request = Request({**request.scope, "headers": [*headers, (b"content-type", b"application/json")]},
+                                  request.receive)
+            return await handler(request)
+
+        return as_json
+
+
+router = APIRouter(route_class=AnyJSONRoute)
 
 
 # ---- probes and the model list ----------------------------------------------------------------
@@ -89,7 +109,7 @@ async def ps(request: Request):
 
 
 @router.post("/api/show")
-async def show(request: Request, body: ShowRequest):
+async def show(request: Request, body: OllamaShowRequest):
     resolve(request, body.model or body.name, "model")
     info, c = await _card(request)
     return om.show(info, c, core(request).context_length(), SAMPLING_DEFAULTS)
@@ -111,7 +131,7 @@ def resolve(request: Request, name: str, param: str = "model") -> str:
 # ---- chat and generate --------------------------------------------------------------------
 
 @router.post("/api/chat")
-async def chat(request: Request, body: ChatRequest):
+async def chat(request: Request, body: OllamaChatRequest):
     t0 = time.monotonic()
     model = resolve(request, body.model)
     shapes = Shapes(body.model, "chat", t0, body.logprobs)
@@ -122,7 +142,7 @@ async def chat(request: Request, body: ChatRequest):
 
 
 @router.post("/api/generate")
-async def generate(request: Request, body: GenerateRequest):
+async def generate(request: Request, body: OllamaGenerateRequest):
     t0 = time.monotonic()
     model = resolve(request, body.model)
     shapes = Shapes(body.model, "generate", t0, body.logprobs)

@@ -37,8 +37,10 @@ DEFAULT_TOP_K = 40
 DEFAULT_TOP_P = 0.9
 THINK_LEVELS = ("low", "medium", "high", "max")
 # A Go duration ("5m", "1h30m", "-1s") or a plain number of seconds, as keep_alive takes it.
-_DURATION = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h)(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))*$")
-_NUMBER = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
+_AMOUNT = r"(\d+(?:\.\d*)?|\.\d+)"
+_UNIT = r"(ns|us|µs|ms|s|m|h)"
+_DURATION = re.compile(rf"^-?(?:{_AMOUNT}{_UNIT})+$")
+_NUMBER = re.compile(rf"^-?{_AMOUNT}$")
 
 
 def keep_alive_seconds(value: int | float | str) -> float:
@@ -52,10 +54,10 @@ def keep_alive_seconds(value: int | float | str) -> float:
         raise ValueError(value)
     scale = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
     sign = -1.0 if s.startswith("-") else 1.0
-    return sign * sum(float(n) * scale[u] for n, u in re.findall(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)", s))
+    return sign * sum(float(n) * scale[u] for n, u in re.findall(_AMOUNT + _UNIT, s))
 
 
-class Options(BaseModel):
+class OllamaOptions(BaseModel):
     """``options`` (Ollama's Modelfile parameters), as far as Squish honours them."""
 
     model_config = STRICT
@@ -167,20 +169,20 @@ class Options(BaseModel):
 
 # ---- messages ------------------------------------------------------------------------------
 
-class ToolCallFunction(BaseModel):
+class OllamaToolCallFunction(BaseModel):
     model_config = STRICT
     name: str = Field(min_length=1, max_length=64)
     arguments: dict[str, Any] | str = Field(default_factory=dict)  # an object, as Ollama sends it
     index: int | None = None
 
 
-class ToolCallIn(BaseModel):
+class OllamaToolCall(BaseModel):
     """An assistant message's ``tool_calls`` entry, as a client sends it back."""
 
     model_config = STRICT
     id: str | None = Field(default=None, max_length=256)
     type: Literal["function"] | None = None
-    function: ToolCallFunction
+    function: OllamaToolCallFunction
 
     def arguments_json(self, where: str) -> str:
         args = self.function.arguments
@@ -194,7 +196,7 @@ class ToolCallIn(BaseModel):
         return json.dumps(args, ensure_ascii=False)
 
 
-class ChatMessage(BaseModel):
+class OllamaMessage(BaseModel):
     """A message of ``/api/chat`` (role, content, thinking, images, tool_calls, tool_name)."""
 
     model_config = STRICT
@@ -202,7 +204,7 @@ class ChatMessage(BaseModel):
     content: str | None = None  # absent / null: "" (Ollama's Go type is a plain string)
     thinking: str | None = None
     images: list[str] | None = None
-    tool_calls: list[ToolCallIn] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
     tool_name: str | None = Field(default=None, min_length=1, max_length=64)
     tool_call_id: str | None = Field(default=None, max_length=256)
 
@@ -226,7 +228,7 @@ class ChatMessage(BaseModel):
         return self
 
 
-def to_messages(messages: list[ChatMessage]) -> list[Message]:
+def to_messages(messages: list[OllamaMessage]) -> list[Message]:
     """The core's messages. A tool message names the function it answers (``tool_name``);
     without it, the i-th tool message after an assistant turn answers that turn's i-th call,
     as Ollama's own templates read them."""
@@ -237,7 +239,8 @@ def to_messages(messages: list[ChatMessage]) -> list[Message]:
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if m.role == "assistant":
-            parts = [ToolCallPart(c.id, c.function.name, c.arguments_json(f"{where}.tool_calls[{j}].function.arguments"))
+            parts = [ToolCallPart(c.id, c.function.name,
+                                  c.arguments_json(f"{where}.tool_calls[{j}].function.arguments"))
                      for j, c in enumerate(m.tool_calls or ())]
             calls, answered = [(c.id, c.name) for c in parts], 0
             ids.update(c.id for c in parts if c.id)
@@ -273,7 +276,7 @@ class _Generation(BaseModel):
     model: str = Field(min_length=1, max_length=256)
     stream: bool = True
     format: str | dict[str, Any] | None = None
-    options: Options | None = None
+    options: OllamaOptions | None = None
     keep_alive: int | float | str | None = None  # accepted; the model stays loaded (docs/api-ollama.md)
     think: bool | str | None = None
     logprobs: bool = False
@@ -301,8 +304,8 @@ class _Generation(BaseModel):
         return self
 
     @property
-    def opts(self) -> Options:
-        return self.options or Options()
+    def opts(self) -> OllamaOptions:
+        return self.options or OllamaOptions()
 
     def unload(self) -> bool:
         """An unload request (keep_alive 0 and nothing to generate)."""
@@ -325,8 +328,8 @@ class _Generation(BaseModel):
                    max_tokens_param="options.num_predict", context_param="options.num_ctx", **kw)
 
 
-class ChatRequest(_Generation):
-    messages: list[ChatMessage] = Field(default_factory=list)
+class OllamaChatRequest(_Generation):
+    messages: list[OllamaMessage] = Field(default_factory=list)
     tools: list[dict[str, Any]] | None = None  # checked in depth by squish.tools.spec
 
     @model_validator(mode="after")
@@ -345,7 +348,7 @@ class ChatRequest(_Generation):
                          output=self.output())
 
 
-class GenerateRequest(_Generation):
+class OllamaGenerateRequest(_Generation):
     prompt: str | None = None
     suffix: str | None = None
     system: str | None = None
@@ -395,7 +398,7 @@ class GenerateRequest(_Generation):
         return self._job("ollama_generate", model, messages=messages, output=self.output())
 
 
-class ShowRequest(BaseModel):
+class OllamaShowRequest(BaseModel):
     model_config = STRICT
     model: str | None = Field(default=None, min_length=1, max_length=256)
     name: str | None = Field(default=None, min_length=1, max_length=256)  # the older field name

@@ -140,6 +140,14 @@ def test_chat_streams_ndjson_by_default_and_agrees_with_the_whole_reply(client):
     assert body["eval_count"] == last["eval_count"] and body["prompt_eval_count"] == last["prompt_eval_count"]
 
 
+def test_a_body_is_json_whatever_its_content_type(client):
+    # Ollama's docs use `curl -d '{...}'`, which sends application/x-www-form-urlencoded.
+    body = json.dumps({"model": "tiny-4bit", "prompt": "hi", "stream": False, "options": {"num_predict": 2}})
+    r = client.post("/api/generate", content=body,
+                    headers={**AUTH, "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["done"] is True, r.text
+
+
 def test_generate_applies_the_template_unless_raw(client):
     prompt = "The quick brown fox"
     templated = post(client, "/api/generate", model="tiny-4bit", prompt=prompt, stream=False,
@@ -179,7 +187,7 @@ def test_performance_options_are_accepted_without_effect(client):
             "draft_num_predict": 2, "mirostat": 0, "mirostat_tau": 5.0, "tfs_z": 1.0, "typical_p": 1.0,
             "repeat_last_n": 64, "penalize_newline": True}
     r = chat(client, stream=False, options={"num_predict": 5, "temperature": 0, **perf}, keep_alive="5m",
-             truncate=True, shift=False)
+             truncate=True, shift=False, think=False)  # think off on a model that does not think
     assert r.status_code == 200, r.text
     assert r.json()["message"]["content"] == base
 
