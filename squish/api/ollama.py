@@ -25,6 +25,7 @@ import json
 import time
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -32,6 +33,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from squish.api import ollama_models as om
 from squish.api.common import UnsupportedParameter, core, ndjson, reply_headers, request_id, stream_reply, \
     whole_reply
+from squish.api.errors import validation_error
 from squish.api.ollama_schemas import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, OllamaChatRequest, \
     OllamaGenerateRequest, OllamaShowRequest
 from squish.runtime.engine import TokenLogprob
@@ -50,8 +52,9 @@ SAMPLING_DEFAULTS = {"temperature": DEFAULT_TEMPERATURE, "top_k": DEFAULT_TOP_K,
 
 
 class AnyJSONRoute(APIRoute):
-    """Reads a POST body as JSON whatever its Content-Type, as Ollama does: the ``curl -d``
-    examples of its docs send ``application/x-www-form-urlencoded``."""
+    """Reads a POST body as JSON whatever its Content-Type, as Ollama does (the ``curl -d``
+    examples of its docs send ``application/x-www-form-urlencoded``), and answers every
+    invalid body with 400, as Ollama does (a wrong type or range included)."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
@@ -61,7 +64,11 @@ class AnyJSONRoute(APIRoute):
                 headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
                 request = Request({**request.scope, "headers": [*headers, (b"content-type", b"application/json")]},
                                   request.receive)
-            return await handler(request)
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                _, message, param, code = validation_error(exc.errors())
+                raise ServeError(400, message, param=param, code=code) from None
 
         return as_json
 

@@ -311,8 +311,13 @@ class _Generation(BaseModel):
         """An unload request (keep_alive 0 and nothing to generate)."""
         return self.keep_alive is not None and keep_alive_seconds(self.keep_alive) == 0
 
+    @property
+    def formatted(self) -> bool:
+        """A ``format`` was asked for (``{}`` is a schema: any JSON value)."""
+        return self.format is not None and self.format != ""
+
     def output(self) -> spec.OutputFormat | None:
-        if not self.format:
+        if not self.formatted:
             return None
         if self.format == "json":
             return spec.OutputFormat("json_object")
@@ -334,9 +339,9 @@ class OllamaChatRequest(_Generation):
 
     @model_validator(mode="after")
     def _chat(self):
-        if self.tools and self.format:
+        if self.tools and self.formatted:
             raise UnsupportedParameter("format", "format cannot be combined with tools: send one or the other")
-        if self.logprobs and (self.tools or self.format):
+        if self.logprobs and (self.tools or self.formatted):
             raise UnsupportedParameter("logprobs", "logprobs are not available with tools or format (the "
                                        "reply may come from a corrective retry)")
         return self
@@ -382,10 +387,10 @@ class OllamaGenerateRequest(_Generation):
             raise UnsupportedParameter("system", "raw mode does not take a system prompt: write it into the prompt")
         if self.raw and self.think is not None:
             raise UnsupportedParameter("think", "think switches the chat template, which raw mode skips")
-        if self.raw and self.format:
+        if self.raw and self.formatted:
             raise UnsupportedParameter("format", "format needs the chat template, which raw mode skips; send "
                                        "raw: false (or use /api/chat)")
-        if self.logprobs and self.format:
+        if self.logprobs and self.formatted:
             raise UnsupportedParameter("logprobs", "logprobs are not available with format (the reply may come "
                                        "from a corrective retry)")
         return self

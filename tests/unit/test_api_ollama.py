@@ -274,7 +274,8 @@ def test_tool_calls_and_errors_in_ollama_shape():
     ("/api/chat", {"options": {"num_predict": 0}}, 400, "options.num_predict"),
     ("/api/chat", {"options": {"vocab_only": True}}, 400, "options.vocab_only"),
     ("/api/chat", {"options": {"frobnicate": 1}}, 400, "options.frobnicate"),
-    ("/api/chat", {"options": {"temperature": -1}}, 422, "options.temperature"),
+    ("/api/chat", {"options": {"temperature": -1}}, 400, "options.temperature"),  # Ollama: 400, not 422
+    ("/api/chat", {"options": {"num_predict": "8"}}, 400, "options.num_predict"),
     ("/api/chat", {"frobnicate": 1}, 400, "frobnicate"),
     ("/api/chat", {"think": "extreme"}, 400, "invalid think value"),
     ("/api/chat", {"think": True}, 400, "cannot be switched on"),  # not a reasoning model
@@ -285,7 +286,8 @@ def test_tool_calls_and_errors_in_ollama_shape():
      "tools[0].function.parameters"),
     ("/api/chat", {"keep_alive": "soon"}, 400, "keep_alive"),
     ("/api/chat", {"messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]}, 400, "images"),
-    ("/api/chat", {"messages": [{"role": "robot", "content": "hi"}]}, 422, "messages.0.role"),
+    ("/api/chat", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
+    ("/api/chat", {"format": {}, "tools": TOOLS}, 400, "format cannot be combined with tools"),  # {}: a schema
     ("/api/chat", {"logprobs": True, "format": "json"}, 400, "logprobs"),
     ("/api/generate", {"prompt": "x", "template": "{{ .Prompt }}"}, 400, "template"),
     ("/api/generate", {"prompt": "x", "suffix": "y"}, 400, "suffix"),
