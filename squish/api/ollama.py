@@ -7,7 +7,7 @@ A thin layer over the serving core (``squish.serving``): the pydantic body
 JSON object. A chat chunk is ``{"model", "created_at", "message": {"role":
 "assistant", "content", "thinking"?, "tool_calls"?}, "done": false}``; the
 last one has ``"done": true``, ``done_reason`` and the counts and durations
-(nanoseconds, measured: ``total_duration`` from the request's arrival,
+(nanoseconds, measured: ``total_duration`` from the request reaching its route,
 ``load_duration`` until the job reached the engine, ``prompt_eval_duration``
 until its first token, ``eval_duration`` from there to the end).
 ``/api/generate`` sends ``response`` (and ``thinking``) instead of ``message``.
@@ -50,16 +50,17 @@ DONE_REASON = {"stop": "stop", "length": "length", "tool_calls": "stop"}  # Olla
 SAMPLING_DEFAULTS = {"temperature": DEFAULT_TEMPERATURE, "top_k": DEFAULT_TOP_K, "top_p": DEFAULT_TOP_P}
 
 
-
 class AnyJSONRoute(APIRoute):
     """Reads a POST body as JSON whatever its Content-Type, as Ollama does (the ``curl -d``
     examples of its docs send ``application/x-www-form-urlencoded``), and answers every
-    invalid body with 400, as Ollama does (a wrong type or range included)."""
+    invalid body with 400, as Ollama does (a wrong type or range included). Notes the time the
+    request reached its route (``request.state.arrived``, for ``total_duration``)."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
 
         async def as_json(request: Request):
+            request.state.arrived = time.monotonic()
             if request.method == "POST" and "json" not in request.headers.get("content-type", ""):
                 headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
                 request = Request({**request.scope, "headers": [*headers, (b"content-type", b"application/json")]},
@@ -139,7 +140,7 @@ def resolve(request: Request, name: str, param: str = "model") -> str:
 
 @router.post("/api/chat")
 async def chat(request: Request, body: OllamaChatRequest):
-    t0 = time.monotonic()
+    t0 = request.state.arrived
     model = resolve(request, body.model)
     shapes = Shapes(body.model, "chat", t0, body.logprobs)
     if not body.messages:  # Ollama: an empty chat loads the model (here: it always is)
@@ -150,7 +151,7 @@ async def chat(request: Request, body: OllamaChatRequest):
 
 @router.post("/api/generate")
 async def generate(request: Request, body: OllamaGenerateRequest):
-    t0 = time.monotonic()
+    t0 = request.state.arrived
     model = resolve(request, body.model)
     shapes = Shapes(body.model, "generate", t0, body.logprobs)
     if not body.prompt:  # Ollama: an empty prompt loads the model (here: it always is)
