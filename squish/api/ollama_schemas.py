@@ -222,9 +222,9 @@ class OllamaMessage(BaseModel):
             raise UnsupportedParameter("messages.thinking", "only assistant messages may carry thinking")
         if self.tool_calls and self.role != "assistant":
             raise UnsupportedParameter("messages.tool_calls", "only assistant messages may carry tool_calls")
-        if self.role != "tool" and (self.tool_name is not None or self.tool_call_id is not None):
-            raise UnsupportedParameter("messages.tool_name", "only tool messages may carry tool_name / "
-                                       "tool_call_id")
+        for name in ("tool_name", "tool_call_id"):
+            if self.role != "tool" and getattr(self, name) is not None:
+                raise UnsupportedParameter(f"messages.{name}", f"only tool messages may carry {name}")
         return self
 
 
