@@ -25,6 +25,7 @@ from squish.api import middleware as mw
 from squish.api.anthropic import router as anthropic
 from squish.api.errors import error_response, validation_error
 from squish.api.metrics import Metrics
+from squish.api.ollama import router as ollama
 from squish.api.openai_chat import router as openai_chat
 from squish.api.openai_responses import router as openai_responses
 from squish.api.response_store import ResponseStore
@@ -34,7 +35,7 @@ from squish.serving.errors import ServeError
 
 log = logging.getLogger("squish.api")
 
-ROUTERS = (openai_chat, openai_responses, anthropic)
+ROUTERS = (openai_chat, openai_responses, anthropic, ollama)
 
 
 def create_app(settings: ServeSettings, engine, metrics: Metrics | None = None) -> FastAPI:

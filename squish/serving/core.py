@@ -64,6 +64,11 @@ class Plan:
     done: Done | None = None  # set when the run ends (for the access log)
     last_prompt_len: int = 0
     min_tokens: int = 0  # the shortest constrained reply, in tokens (0: unconstrained)
+    context: int = 0  # the context this job may use (the server's, or the job's smaller limit)
+    # time.monotonic() when the first attempt went to the engine / its first token came back
+    # (adapters that report durations, e.g. Ollama's prompt_eval_duration).
+    submitted_at: float | None = None
+    first_token_at: float | None = None
 
 
 class Core:
@@ -78,6 +83,16 @@ class Core:
 
     def context_length(self) -> int:
         return self._context_override() or self.model().facts.context_length
+
+    def job_context(self, job: Job) -> int:
+        """The context ``job`` may use: the server's, or the job's own smaller limit."""
+        ctx = self.context_length()
+        if job.context_limit is None:
+            return ctx
+        if job.context_limit > ctx:
+            raise bad_request(f"{job.context_param} {job.context_limit} exceeds the model's context of {ctx} "
+                              f"tokens; send at most {ctx}", job.context_param, "context_length_exceeded")
+        return job.context_limit
 
     # ---- the served model ------------------------------------------------------------------
     def model(self):
@@ -113,6 +128,7 @@ class Core:
         facts = info.facts
         self.resolve_model(job.model)
         self._check_limits(job)
+        ctx = self.job_context(job)
         kwargs = self._template_kwargs(job, facts)
         task = constraint = None
         messages = template_dicts(job.messages) if job.messages is not None else None
@@ -123,12 +139,12 @@ class Core:
             ids = await self._render(info.tokenizer, messages, kwargs, job.messages_param)
         else:
             ids = await self._raw_prompt(job, info)
-        max_tokens = self._max_tokens(job, len(ids), self.context_length())
+        max_tokens = self._max_tokens(job, len(ids), ctx)
         need = 0
         if constraint is not None:
             need = await run_in_threadpool(self._check_budget, job, task, info.tokenizer, max_tokens)
         return Plan(job, rid, ids, messages, task, constraint, max_tokens,
-                    time.monotonic() + self.request_timeout, facts, kwargs, min_tokens=need)
+                    time.monotonic() + self.request_timeout, facts, kwargs, min_tokens=need, context=ctx)
 
     async def count_tokens(self, job: Job) -> int:
         """The length in tokens of the chat prompt ``prepare`` would render for ``job`` (tools
@@ -247,14 +263,16 @@ class Core:
 
     def _max_tokens(self, job: Job, n_prompt: int, ctx: int) -> int:
         room = ctx - n_prompt
+        what = (f"the model's context of {ctx} tokens" if job.context_limit is None
+                else f"the context of {ctx} tokens that {job.context_param} asks for")
         if room <= 0:
-            raise ServeError(400, f"the prompt is {n_prompt} tokens, which does not fit the model's "
-                             f"context of {ctx} tokens", param=job.messages_param, code="context_length_exceeded")
+            raise ServeError(400, f"the prompt is {n_prompt} tokens, which does not fit {what}",
+                             param=job.messages_param, code="context_length_exceeded")
         if job.max_tokens is None:
             return min(self.limits.max_tokens, room)
         if job.max_tokens > room:
             raise ServeError(400, f"prompt ({n_prompt} tokens) + {job.max_tokens_param} ({job.max_tokens}) exceeds "
-                             f"the model's context of {ctx} tokens; lower {job.max_tokens_param} to at most {room}",
+                             f"{what}; lower {job.max_tokens_param} to at most {room}",
                              param=job.max_tokens_param, code="context_length_exceeded")
         return job.max_tokens
 
@@ -293,7 +311,7 @@ class Core:
                 ids, max_tokens = plan.ids, plan.max_tokens
             else:
                 ids = await self._render_tools(info.tokenizer, convo, plan.task, plan.template_kwargs)
-                max_tokens = min(plan.max_tokens, self.context_length() - len(ids))
+                max_tokens = min(plan.max_tokens, (plan.context or self.context_length()) - len(ids))
                 if max_tokens < 1:
                     raise ServeError(500, "the corrective retry no longer fits the model's context",
                                      code="tool_call_failed")
@@ -329,6 +347,8 @@ class Core:
             raise ServeError(503, str(exc), code="server_busy", headers={"Retry-After": "1"}) from exc
         except eng.NotReady as exc:
             raise ServeError(503, str(exc), code="model_loading", headers={"Retry-After": "2"}) from exc
+        if plan.submitted_at is None:
+            plan.submitted_at = time.monotonic()
         done = False
         try:
             while True:
@@ -342,6 +362,8 @@ class Core:
                             raise ClientGone() from None
                         continue
                 done = not isinstance(ev, eng.Delta)
+                if plan.first_token_at is None and not done:
+                    plan.first_token_at = time.monotonic()
                 yield ev
                 if done:
                     return

@@ -101,9 +101,13 @@ class Job:
     sampling: SamplingParams = field(default_factory=SamplingParams)  # max_tokens is set by the core
     max_tokens: int | None = None  # as requested; None: as much as fits
     reasoning: Reasoning = field(default_factory=Reasoning)
+    # A context smaller than the model's for this request (Ollama's num_ctx): prompt +
+    # max_tokens must fit it. None: the server's context. Above the server's: a 400.
+    context_limit: int | None = None
     # Names of request fields, for error messages in the caller's terms.
     max_tokens_param: str = "max_tokens"
     messages_param: str = "messages"
+    context_param: str = "context_limit"
 
     @property
     def structured(self) -> bool:
