@@ -13,6 +13,7 @@ pydantic's errors onto those codes. ``to_job`` gives the core's request.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -109,6 +110,8 @@ class ChatMessage(BaseModel):
                        tool_call_id=self.tool_call_id, reasoning=self.reasoning_content)
 
 
+TOKEN_ID = re.compile(r"-?[0-9]+")  # a logit_bias key (str.isdigit also takes "²" and "٣", which int() refuses)
+
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
@@ -163,7 +166,7 @@ class _Common(BaseModel):
         if len(v) > 1024:
             raise ValueError("logit_bias is limited to 1024 entries")
         for k in v:
-            if not k.lstrip("-").isdigit():
+            if not TOKEN_ID.fullmatch(k):
                 raise ValueError(f"logit_bias keys must be token ids, got {k!r}")
         return v
 
