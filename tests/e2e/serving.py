@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 
 KEY = "e2e-key"
 REQUEST_TIMEOUT_S = 120
