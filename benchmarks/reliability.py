@@ -186,7 +186,16 @@ def _figures(part: str, r: dict) -> str:
     return ""
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (``timeout``, a CI runner) ends the run through SystemExit, so the servers are
+    stopped and temporary folders removed, as on Ctrl-C."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def main(argv=None) -> int:
+    _stop_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--model", type=Path, help="artifact for the soak and the storm (SmolLM2 INT4); "

@@ -149,16 +149,31 @@ def one(client, url: str, model: str, kind: str, i: int) -> dict:
 
 
 class RssSampler(threading.Thread):
-    def __init__(self, server, every: float = 0.5):
+    """RSS every ``every`` s; every ``metrics_every``-th sample also the server's MLX active /
+    cache memory and prefix-cache bytes (``/metrics``), to see what RSS is made of under load."""
+
+    def __init__(self, server, every: float = 0.5, metrics_every: int = 4):
         super().__init__(daemon=True)
-        self.server, self.every = server, every
+        self.server, self.every, self.metrics_every = server, every, metrics_every
         self.samples: list[tuple[float, int]] = []
+        self.under_load: list[dict] = []
         self.stop_event = threading.Event()
         self.t0 = time.monotonic()
 
     def run(self) -> None:
         while not self.stop_event.is_set():
-            self.samples.append((time.monotonic() - self.t0, self.server.rss()))
+            t, rss = time.monotonic() - self.t0, self.server.rss()
+            self.samples.append((t, rss))
+            if len(self.samples) % self.metrics_every == 0:
+                try:
+                    m = self.server.metrics()
+                    self.under_load.append({"t_s": round(t, 1), "rss": rss,
+                                            "mlx_active": m.get("squish_mlx_active_memory_bytes"),
+                                            "mlx_cache": m.get("squish_mlx_cache_memory_bytes"),
+                                            "prefix": m.get("squish_prefix_cache_bytes"),
+                                            "batch": m.get("squish_batch_size")})
+                except Exception:  # noqa: BLE001 - a missed sample is not a failure
+                    pass
             self.stop_event.wait(self.every)
 
 
@@ -228,10 +243,13 @@ def run(server, *, requests: int = 500, concurrency: int = 8, rounds: int = 5, s
         "rss_growth_after_warmup": growth, "max_growth": max_growth,
         "rss_peak_bytes": max((s for _, s in sampler.samples), default=0),
         "rss_series": [(round(t, 1), s) for t, s in sampler.samples[:: max(1, len(sampler.samples) // 400)]],
+        "under_load": sampler.under_load[:: max(1, len(sampler.under_load) // 300)],
         "end": {"inflight": end_inflight, "batch": m.get("squish_batch_size"), "queue": m.get("squish_queue_depth"),
                 "requests_499": _requests_with_status(server, "499")},
         "server_alive": server.alive(),
         "disconnects_sent": sum(1 for r in records if r["kind"].startswith("disconnect")),
+        "disconnects_made": sum(1 for r in records if r["kind"].startswith("disconnect") and r["ok"]
+                                and r["detail"].startswith(("closed after", "client gave up"))),
     }
     failures = []
     if unexpected:
