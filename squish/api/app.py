@@ -6,7 +6,8 @@ over the ``Engine`` and mounts each protocol adapter's router on it, with
 here, in one place: the middleware (request ids and the access log, body size
 cap, auth, rate limit, request metrics; ``squish.api.middleware``) and the
 exception handlers that give every error its protocol's shape
-(``squish.api.errors``). The engine is started by the lifespan if the caller
+(``squish.api.errors``), and the served OpenAPI document that says so
+(``squish.api.openapi``). The engine is started by the lifespan if the caller
 has not started it, and stopped on shutdown.
 """
 
@@ -19,13 +20,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from squish.api import middleware as mw
 from squish.api.anthropic import router as anthropic
 from squish.api.errors import error_response, validation_error
 from squish.api.metrics import Metrics
 from squish.api.ollama import router as ollama
+from squish.api.openapi import install as install_openapi
 from squish.api.openai_chat import router as openai_chat
 from squish.api.openai_responses import router as openai_responses
 from squish.api.response_store import ResponseStore
@@ -71,7 +73,7 @@ def create_app(settings: ServeSettings, engine, metrics: Metrics | None = None) 
             return JSONResponse({"status": "error", "error": engine.load_error}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "2"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
 
@@ -110,6 +112,7 @@ def create_app(settings: ServeSettings, engine, metrics: Metrics | None = None) 
                                           "Anthropic-Version", "Anthropic-Beta"])
     app.add_middleware(mw.BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(mw.RequestLog, metrics=metrics)
+    install_openapi(app, keyed=bool(settings.api_key))  # /openapi.json says what the routes answer
     return app
 
 

@@ -39,6 +39,16 @@ class UnsupportedParameter(ValueError):
         self.param = param
 
 
+def integral(value):
+    """For a strict model's ``mode="before"`` validator of integer fields: JSON Schema's
+    "integer" (what the served OpenAPI document says) includes a number with a zero
+    fraction part, so ``8.0`` becomes 8; a string ("8"), a bool or 8.5 is left for the
+    strict check to refuse. Lists (token ids) are converted item by item."""
+    if isinstance(value, list):
+        return [integral(v) for v in value]
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def core(request: Request) -> Core:
     return request.app.state.core
 

@@ -7,17 +7,19 @@ Squish does not implement are accepted only at the value that means "off"
 fields that cannot change the output (``user``, ``metadata``, ``store``,
 ``safety_identifier``, ``prompt_cache_key``, ``service_tier`` auto/default)
 are accepted and have no effect (docs/api.md). Types are strict (``"8"`` is
-not a number). Type/range problems are 422. ``squish.api.errors`` maps
-pydantic's errors onto those codes. ``to_job`` gives the core's request.
+not a number; ``8.0`` is an integer, as in JSON Schema: ``common.integral``).
+Type/range problems are 422. ``squish.api.errors`` maps pydantic's errors
+onto those codes. ``to_job`` gives the core's request.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from squish.api.common import UnsupportedParameter
+from squish.api.common import UnsupportedParameter, integral
 from squish.runtime.sampling import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, SamplingParams
 from squish.serving.request import Job, Message, Reasoning, ToolCallPart, check_text
 from squish.tools import spec
@@ -122,6 +124,21 @@ class ChatMessage(BaseModel):
                        tool_call_id=self.tool_call_id, reasoning=self.reasoning_content)
 
 
+# What the validators below enforce, in the served OpenAPI document too (JSON Schema cannot
+# say "no lone surrogates"; that stays a 400/422 the document does not name).
+_NO_CONTROL = "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f]*$"
+_STOP_ITEM = {"type": "string", "minLength": 1, "maxLength": 256, "pattern": _NO_CONTROL}
+STOP_DOC = {"anyOf": [_STOP_ITEM, {"type": "array", "items": _STOP_ITEM, "maxItems": MAX_STOP_STRINGS},
+                      {"type": "null"}]}
+LOGIT_BIAS_DOC = {"anyOf": [{"type": "object", "maxProperties": 1024, "propertyNames": {"pattern": "^-?[0-9]+$"},
+                             "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+                            {"type": "null"}]}
+PROMPT_DOC = {"anyOf": [{"type": "string", "minLength": 1},
+                        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+                        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]}
+
+TOKEN_ID = re.compile(r"-?[0-9]+")  # a logit_bias key (str.isdigit also takes "²" and "٣", which int() refuses)
+
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
@@ -138,9 +155,10 @@ class _Common(BaseModel):
     repetition_penalty: float = Field(default=1.0, ge=MIN_REPETITION_PENALTY, le=10.0)
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        default=None, json_schema_extra=LOGIT_BIAS_DOC)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default=None, json_schema_extra=STOP_DOC)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -151,6 +169,11 @@ class _Common(BaseModel):
     safety_identifier: str | None = Field(default=None, max_length=256)
     prompt_cache_key: str | None = Field(default=None, max_length=256)
     service_tier: Literal["auto", "default"] | None = None
+
+    @field_validator("max_tokens", "top_k", "seed", "n", mode="before")
+    @classmethod
+    def _integers(cls, v):
+        return integral(v)
 
     @field_validator("stop")
     @classmethod
@@ -176,7 +199,7 @@ class _Common(BaseModel):
         if len(v) > 1024:
             raise ValueError("logit_bias is limited to 1024 entries")
         for k in v:
-            if not k.lstrip("-").isdigit():
+            if not TOKEN_ID.fullmatch(k):
                 raise ValueError(f"logit_bias keys must be token ids, got {k!r}")
         return v
 
@@ -211,7 +234,31 @@ class _Common(BaseModel):
         )
 
 
+# Request examples in the served OpenAPI document (/docs shows them; the reliability fuzz
+# sends them in its examples phase). "default" names the served model on every route.
+CHAT_EXAMPLES = [
+    {"model": "default", "messages": [{"role": "user", "content": "List three fruits."}], "max_tokens": 16},
+    {"model": "default", "messages": [{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": "Name a colour."}],
+     "max_tokens": 8, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}},
+    {"model": "default", "messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 48,
+     "tools": [{"type": "function", "function": {
+         "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                               "required": ["city"]}}}],
+     "tool_choice": "required", "temperature": 0},
+    {"model": "default", "messages": [{"role": "user", "content": "A fruit as JSON."}], "max_tokens": 32,
+     "temperature": 0, "response_format": {"type": "json_schema", "json_schema": {"name": "fruit", "schema": {
+         "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}},
+]
+COMPLETION_EXAMPLES = [
+    {"model": "default", "prompt": "The capital of France is", "max_tokens": 8},
+    {"model": "default", "prompt": "Once upon a time", "max_tokens": 8, "stream": True, "seed": 1},
+]
+
+
 class ChatRequest(_Common):
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": CHAT_EXAMPLES})
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
@@ -225,6 +272,11 @@ class ChatRequest(_Common):
     # on (the chat templates Squish serves have an on/off switch only; docs/api.md).
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("max_completion_tokens", "top_logprobs", mode="before")
+    @classmethod
+    def _chat_integers(cls, v):
+        return integral(v)
 
     @model_validator(mode="after")
     def _chat_unsupported(self):
@@ -287,11 +339,18 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int]
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": COMPLETION_EXAMPLES})
+
+    prompt: str | list[str] | list[int] = Field(json_schema_extra=PROMPT_DOC)
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    @field_validator("prompt", "logprobs", "best_of", mode="before")
+    @classmethod
+    def _completion_integers(cls, v):
+        return integral(v)
 
     @model_validator(mode="after")
     def _completion_unsupported(self):
