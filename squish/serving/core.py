@@ -350,16 +350,20 @@ class Core:
         if plan.submitted_at is None:
             plan.submitted_at = time.monotonic()
         done = False
+        next_poll = time.monotonic() + DISCONNECT_POLL_S
         try:
             while True:
                 if is_gone is None:
                     ev = await req.events.get()
                 else:
-                    try:
-                        ev = await asyncio.wait_for(req.events.get(), DISCONNECT_POLL_S)
-                    except asyncio.TimeoutError:
+                    # Polled on a clock, not only when the engine is quiet: a fast model's
+                    # tokens arrive more often than the poll period.
+                    ev = await _next_event(req.events, next_poll - time.monotonic())
+                    if time.monotonic() >= next_poll:
                         if await is_gone():
-                            raise ClientGone() from None
+                            raise ClientGone()
+                        next_poll = time.monotonic() + DISCONNECT_POLL_S
+                    if ev is None:
                         continue
                 done = not isinstance(ev, eng.Delta)
                 if plan.first_token_at is None and not done:
@@ -374,6 +378,18 @@ class Core:
     async def complete(self, plan: Plan, is_gone: Callable[[], Awaitable[bool]] | None = None) -> Reply:
         """The whole reply (raises ``ServeError``, or ``ClientGone`` when ``is_gone`` says so)."""
         return await collect(self.events(plan, is_gone))
+
+
+async def _next_event(queue: asyncio.Queue, wait_s: float):
+    """The next engine event, or None when none came within ``wait_s``."""
+    try:
+        return queue.get_nowait()
+    except asyncio.QueueEmpty:
+        pass
+    try:
+        return await asyncio.wait_for(queue.get(), max(wait_s, 0.001))
+    except asyncio.TimeoutError:
+        return None
 
 
 def _with_max_tokens(params, max_tokens: int):
