@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from squish.api import middleware as mw
@@ -38,6 +39,17 @@ from squish.serving.errors import ServeError
 log = logging.getLogger("squish.api")
 
 ROUTERS = (openai_chat, openai_responses, anthropic, ollama)
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed(app: FastAPI, scope) -> str:
+    """Every method some route serves at this path (one path may have a route per method;
+    Starlette's own 405 names only the first route's). Asked of the routes themselves, so
+    included routers are covered however FastAPI nests them."""
+    return ", ".join(m for m in _METHODS
+                     if any(r.matches({**scope, "method": m})[0] == Match.FULL for r in app.router.routes))
 
 
 def create_app(settings: ServeSettings, engine, metrics: Metrics | None = None) -> FastAPI:
@@ -96,7 +108,7 @@ def create_app(settings: ServeSettings, engine, metrics: Metrics | None = None) 
             return error_response(path, 404, f"no route {request.method} {path}", code="not_found")
         if exc.status_code == 405:
             return error_response(path, 405, f"method {request.method} not allowed on {path}",
-                                  code="method_not_allowed", headers=exc.headers)
+                                  code="method_not_allowed", headers={"Allow": _allowed(app, request.scope)})
         return error_response(path, exc.status_code, str(exc.detail), headers=exc.headers)
 
     # add_middleware wraps: the last added is outermost.

@@ -145,6 +145,13 @@ def test_405_has_allow_and_a_client_error_type(client):
     assert r.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_405_allow_names_every_route_on_the_path(client):
+    """One path, a route per method: Allow lists them all (Starlette's own 405 names one)."""
+    assert client.post("/v1/responses/resp_x").headers["allow"] == "DELETE, GET"
+    r = client.request("OPTIONS", "/api/tags")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD" and "error" in r.json()
+
+
 def test_cors_preflight_with_origins(client):
     r = client.options("/v1/chat/completions", headers={
         "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
