@@ -286,14 +286,22 @@ def _refuse(what: str, message: str | None = None):
     async def handler():
         raise ServeError(501, message or _MANAGE.format(what=what), code="not_implemented")
 
-    return handler
+    async def blob_handler(digest: str):
+        await handler()
+
+    return blob_handler if what == "upload" else handler
+
+
+_REFUSED = {501: {"description": "not supported by this server"}}
 
 
 for _path, _method, _what in (("/api/pull", "POST", "pull"), ("/api/push", "POST", "push"),
                               ("/api/create", "POST", "create"), ("/api/copy", "POST", "copy"),
                               ("/api/delete", "DELETE", "delete"), ("/api/blobs/{digest}", "POST", "upload"),
                               ("/api/blobs/{digest}", "HEAD", "upload")):
-    router.add_api_route(_path, _refuse(_what), methods=[_method], summary=f"Not supported: {_what} a model")
+    router.add_api_route(_path, _refuse(_what), methods=[_method], summary=f"Not supported: {_what} a model",
+                            responses=_REFUSED)
 for _path in ("/api/embed", "/api/embeddings"):
     router.add_api_route(_path, _refuse("embed", "embeddings are not supported: squish serves text "
-                                        "generation only"), methods=["POST"], summary="Not supported: embeddings")
+                                        "generation only"), methods=["POST"], summary="Not supported: embeddings",
+                            responses=_REFUSED)

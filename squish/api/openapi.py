@@ -66,6 +66,7 @@ WHY = {
     413: "request body too large",
     422: "a field of the wrong type or out of range",
     429: "rate limit exceeded",
+    501: "not supported by this server (the message says what to use instead)",
     500: "internal error (see the server log; the reply carries x-request-id)",
     503: "the server is busy or the model is loading",
     504: "the request ran past the server's request timeout",
@@ -125,10 +126,17 @@ def _operation(doc: dict, path: str, method: str, op: dict, keyed: bool) -> None
     if path not in UNLIMITED_PATHS:
         statuses.append(429)
     body = _body_schema(doc, op)
-    if body is not None:
+    if "501" in responses:  # a route refused on purpose documents only that
+        statuses.append(501)
+        del responses["501"]
+        responses.pop("200", None)
+    elif body is not None:
         statuses += [400, 404, 413, 422, 503, 504]
-    elif "{" in path:
-        statuses.append(404)
+    else:
+        if "{" in path:
+            statuses.append(404)
+        if any(p.get("in") == "query" for p in op.get("parameters", ())):
+            statuses += [400, 422]
     for status in sorted(set(statuses)):
         entry = {"description": WHY[status],
                  "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{_SCHEMA_OF[kind]}"}}}}
