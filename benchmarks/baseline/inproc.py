@@ -39,19 +39,30 @@ def sample():
     while not done[0]:
         peak[0] = max(peak[0], proc.memory_info().rss); time.sleep(0.002)
 th = threading.Thread(target=sample); th.start()
-# Both loaders call mlx_lm.utils.load_tokenizer once, before the weights (Squish) or after them
-# (mlx_lm). That call splits the load into segments: the weights phase is the one before or
-# after it with the larger growth, reported against the size of the weight files.
+# Each loader loads its tokenizer once, before the weights (Squish: squish.runtime.tokenizer.load)
+# or after them (mlx_lm: mlx_lm.utils.load_tokenizer). That call splits the load into segments:
+# the weights phase is the one before or after it with the larger growth, reported against the
+# size of the weight files.
 segments = []  # (RSS at the segment's start, peak RSS during it)
 start = [before]
-_load_tokenizer = mlx_lm.utils.load_tokenizer
-def load_tokenizer(*a, **k):
-    now = proc.memory_info().rss
-    segments.append((start[0], max(peak[0], now)))
-    out = _load_tokenizer(*a, **k)
-    start[0] = peak[0] = proc.memory_info().rss
-    return out
-mlx_lm.utils.load_tokenizer = load_tokenizer
+inside = [False]
+def splitting(fn):
+    def wrapped(*a, **k):
+        if inside[0]:  # a nested call (Squish's loader falling back to mlx_lm's)
+            return fn(*a, **k)
+        inside[0] = True
+        now = proc.memory_info().rss
+        segments.append((start[0], max(peak[0], now)))
+        try:
+            return fn(*a, **k)
+        finally:
+            start[0] = peak[0] = proc.memory_info().rss
+            inside[0] = False
+    return wrapped
+mlx_lm.utils.load_tokenizer = splitting(mlx_lm.utils.load_tokenizer)
+if which == "squish":
+    import squish.runtime.tokenizer as T
+    T.load = splitting(T.load)
 t0 = time.perf_counter()
 if which == "squish":
     model = L.load_artifact(path).model

@@ -66,18 +66,22 @@ def load_artifact(path: Path, *, verify_hashes: bool = False) -> LoadedModel:
     check_files(path, manifest, verify_hashes=verify_hashes)
 
     import mlx.core as mx
-    from mlx_lm.utils import load_config, load_model, load_tokenizer
+    from mlx_lm.utils import load_config, load_model
 
     from squish.hardware import release_free_heap
+    from squish.runtime import tokenizer as tokenizers
 
-    # The tokenizer first: parsing tokenizer.json briefly needs several times its
-    # steady memory (+250 MB at peak for a 151k vocabulary, measured), and that
-    # transient is handed back before the weights arrive instead of on top of them.
+    # The tokenizer first: parsing tokenizer.json briefly needs more than its steady
+    # memory, and that transient is handed back before the weights arrive instead of
+    # on top of them. squish.runtime.tokenizer says why it is not transformers'.
     try:
         eos = load_config(path).get("eos_token_id")
     except (ValueError, OSError) as e:
         raise InputError(f"{path}/config.json: unreadable ({e})") from e
-    tokenizer = load_tokenizer(path, eos_token_ids=eos)
+    try:
+        tokenizer = tokenizers.load(path, eos_token_ids=eos)
+    except Exception as e:  # noqa: BLE001 - tokenizers / transformers raise many kinds
+        raise InputError(f"{path}: the tokenizer cannot be loaded: {e}") from e
     release_free_heap()
     try:
         model, config = load_model(path, lazy=True)
