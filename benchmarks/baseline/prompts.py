@@ -16,9 +16,6 @@ SHORT = "Write a long story about a lighthouse keeper who finds a message in a b
 
 WARMUP = "Say hello."
 
-# The cold start's system message (after its tag): what a chat application typically sends.
-SYSTEM = "You are a helpful assistant. Answer clearly and kindly."
-
 _SUBJECTS = ["The river", "A small town", "The old library", "Every winter the valley", "The market square",
              "A narrow bridge", "The northern forest", "The harbour", "An orchard", "The railway station"]
 _VERBS = ["welcomed", "sheltered", "remembered", "surprised", "connected", "outlasted", "inspired", "divided"]
