@@ -30,8 +30,8 @@ Traces (``--traces``):
 
 Models: ``--model`` is a real artifact (default: SmolLM2-135M INT4, the best local model)
 for plain and interleaved; tools, thinking and routes use the scripted thinking model of
-``benchmarks/agent_models.py`` (its generated tokens are known exactly; its prefill costs
-what SmolLM2-135M's does). For the real model, "as the model saw it" is the reply's
+``benchmarks/agent_models.py`` (its generated tokens are known exactly; ~9M float32
+parameters, so its TTFT is prefill). For the real model, "as the model saw it" is the reply's
 text encoded again (a greedy reply of ordinary text round-trips).
 
 Prompts are rendered here with the artifact's tokenizer the way each server renders them

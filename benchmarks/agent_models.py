@@ -6,9 +6,8 @@ and greedy decoding after ``<|im_start|>assistant\\n`` writes
 ``<think>Let me think.</think>\\n\\nThe answer is 42!<|im_end|>``. Its Qwen3-style chat
 template renders tools natively and drops earlier reasoning from the history, as
 Qwen3's does. This module builds the same machine (same tokenizer, template and
-script) at a size whose prefill costs what a small real model's does (default: the
-SmolLM2-135M layout, 30 layers, hidden 576, float32): the attention and MLP still run,
-their outputs are multiplied by zero weights. So a benchmark knows exactly which tokens
+script) at a size whose prefill dominates TTFT (``LAYOUT``: 12 layers, hidden 256, float32):
+the attention and MLP still run, their outputs are multiplied by zero weights. So a benchmark knows exactly which tokens
 the model generated ("as the model saw them"), and TTFT still measures prefill.
 
     .venv/bin/python -m benchmarks.agent_models [--out DIR]
@@ -26,7 +25,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 DEFAULT_DIR = Path.home() / ".cache" / "squish-bench" / "artifacts"
-LAYOUT = {"hidden": 576, "layers": 30, "heads": 9, "kv_heads": 3, "intermediate": 1536}
+# ~9M parameters in float32: a 400-token prefill is ~7.5 GFLOP, seconds on a 2-core CPU, so TTFT
+# is prefill, not HTTP. ``layout`` takes SmolLM2-135M's (hidden 576, 30 layers, 9 / 3 heads,
+# intermediate 1536) where compute allows.
+LAYOUT = {"hidden": 256, "layers": 12, "heads": 4, "kv_heads": 2, "intermediate": 768}
 
 
 def build_reasoning_model(out_dir: Path = DEFAULT_DIR, layout: dict | None = None) -> Path:
