@@ -10,6 +10,9 @@ from __future__ import annotations
 from benchmarks.baseline.stats import compare
 from benchmarks.baseline.systems import MLX_LM, SQUISH
 
+# Measurements taken inside the baseline's "servers" experiment.
+SERVER_PARTS = ("http_short", "http_long", "memory_steady", "prefix", "concurrency")
+
 # name -> (unit, higher_is_better, description); the report follows this order.
 METRICS = {
     "startup.import_s": ("s", False, "import time (`import squish` vs `import mlx_lm`)"),
@@ -64,8 +67,14 @@ def derive(raw: dict, global_raw: dict | None = None) -> dict:
     m: dict = {}
     errors = raw.get("errors", {})
 
+    skipped = set(raw.get("skipped", ()))
+
     def missing(key: str, exp: str) -> None:
-        m[key] = {"error": errors.get(exp, f"experiment '{exp}' did not run")}
+        top = "servers" if exp in SERVER_PARTS else exp
+        if top in skipped:
+            m[key] = {"skipped": f"experiment '{top}' was not part of this run (--experiments)"}
+        else:
+            m[key] = {"error": errors.get(exp, f"experiment '{exp}' did not run")}
 
     if global_raw and "import" in global_raw:
         m["startup.import_s"] = _cmp("startup.import_s", global_raw["import"].get(SQUISH, []),

@@ -26,6 +26,9 @@ from benchmarks.baseline.streaming import StreamResult, chat_body, concurrent_st
 from benchmarks.baseline.systems import MLX_LM, SQUISH, Server, SystemSpec, peak_child_rss, tree_rss
 
 MLX_PEAK_METRIC = "squish_mlx_peak_memory_bytes"
+# Per model, in this order; ``--experiments`` picks a subset (the servers one holds the HTTP
+# latency, memory, prefix and concurrency measurements).
+EXPERIMENTS = ("startup", "load", "inproc", "cold_start", "servers")
 
 
 @dataclass(frozen=True)
@@ -118,13 +121,15 @@ class ModelRun:
             (self.out / f"error_{name}.txt").write_text(traceback.format_exc())
         log(f"{self.model.name}: {name} done in {time.perf_counter() - t0:.1f} s")
 
-    def run(self) -> dict:
-        self._guard("startup", self.startup)
-        self._guard("load", self.load)
-        if self.p.inproc_runs:
-            self._guard("inproc", self.inproc_floor)
-        self._guard("cold_start", self.cold_start)
-        self._guard("servers", self.servers)
+    def run(self, experiments: tuple[str, ...] = EXPERIMENTS) -> dict:
+        steps = {"startup": self.startup, "load": self.load, "inproc": self.inproc_floor,
+                 "cold_start": self.cold_start, "servers": self.servers}
+        skipped = [e for e in EXPERIMENTS if e not in experiments]
+        if skipped:
+            self.raw["skipped"] = skipped
+        for name in EXPERIMENTS:
+            if name in experiments and (name != "inproc" or self.p.inproc_runs):
+                self._guard(name, steps[name])
         return self.raw
 
     # -- start-up -----------------------------------------------------------------------

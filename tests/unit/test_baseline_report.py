@@ -175,3 +175,18 @@ def test_a_server_that_never_started_is_named_in_metrics_and_contracts():
     [c] = [c for c in C.load(C.DEFAULT_FILE) if c.id == "portable.ttft_short"]
     [v] = C.evaluate([c], {"chip": "x", "backend": "cpu"}, [{"label": "x", "metrics": m}], {})
     assert v.status == C.FAIL and "exited with code 2" in v.detail
+
+
+def test_experiments_left_out_are_not_measured_in_this_run_not_failures():
+    from benchmarks.baseline import contracts as C
+
+    raw = {"errors": {}, "skipped": ["servers", "load"],
+           "cold_start": {"squish": [{"ready_s": 2.0, "first_token_s": 2.5}] * 6,
+                          "mlx_lm": [{"ready_s": 3.0, "first_token_s": 3.4}] * 6}}
+    m = M.derive(raw)
+    assert "not part of this run" in m["memory.process_peak_bytes"]["skipped"]
+    assert "not part of this run" in m["http.short.ttft_s"]["skipped"]
+    cs = [c for c in C.load() if c.id in ("portable.peak_memory", "portable.cold_start")]
+    verdicts = {v.contract.id: v for v in C.evaluate(cs, {"backend": "cpu"}, [{"label": "x", "metrics": m}], {})}
+    assert verdicts["portable.peak_memory"].status == C.NOT_IN_RUN
+    assert verdicts["portable.cold_start"].status == C.PASS  # 2.5 / 3.4 = 0.74x, every pair faster
