@@ -7,8 +7,8 @@ times every step with ``perf_counter``:
 
   squish   import the web stack (squish.api.app: FastAPI, pydantic, uvicorn), import
            mlx_lm.utils (transformers comes with it), load the artifact the way the
-           loader does (manifest and header checks, lazy build, NaN/Inf check, weights,
-           tokenizer), then encode one chat prompt
+           loader does (manifest and header checks, tokenizer, lazy build, NaN/Inf check,
+           weights), then encode one chat prompt
   mlx_lm   import mlx_lm.server, then mlx_lm.load on the same folder (its server does
            the same before the first request)
 
@@ -42,11 +42,11 @@ path = Path(sys.argv[1])
 import squish.api.app, uvicorn; lap("web stack (FastAPI, pydantic, uvicorn)")
 import mlx.core as mx, mlx_lm.utils as U; lap("import mlx_lm.utils (+ transformers)")
 from squish import artifact
-from squish.runtime import loader
+from squish.runtime import loader, tokenizer
 artifact.check_files(path, artifact.read_manifest(path)); lap("manifest + header checks")
+tok = tokenizer.load(path, eos_token_ids=U.load_config(path).get("eos_token_id")); lap("tokenizer")
 model, config = U.load_model(path, lazy=True); lap("build model (lazy)")
 loader.check_finite(model, path); mx.eval(model.parameters()); lap("NaN/Inf check + weights")
-tok = U.load_tokenizer(path, eos_token_ids=config.get("eos_token_id")); lap("tokenizer")
 from squish.runtime import prompts
 prompts.encode_chat(tok, [{"role": "user", "content": "Hello!"}]); lap("first chat encode")
 out["total"] = time.perf_counter() - T

@@ -22,7 +22,7 @@ from pathlib import Path
 from benchmarks.baseline import contracts as C
 from benchmarks.baseline import metrics as M
 from benchmarks.baseline import plots, quality, report
-from benchmarks.baseline.runner import PROFILES, ModelRun, import_times, log
+from benchmarks.baseline.runner import EXPERIMENTS, PROFILES, ModelRun, import_times, log
 from benchmarks.baseline.systems import MLX_LM, SQUISH, specs, squish_serve_available
 from benchmarks.common import ROOT, machine, result_dir, thermal_state
 
@@ -44,6 +44,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--contracts", type=Path, default=C.DEFAULT_FILE, help="contracts file (default: %(default)s)")
     ap.add_argument("--name", default="baseline", help="result folder suffix (default: baseline)")
     ap.add_argument("--seed", type=int, default=0, help="seed for prompts and sampling (default 0)")
+    ap.add_argument("--experiments", default=",".join(EXPERIMENTS),
+                    help="comma-separated subset of %(default)s; contracts on the others are "
+                         "'not measured in this run'")
     ap.add_argument("--squish-cmd", help="command that serves the model, with {python} {model} {port} "
                                          "(default: '{python} -m squish serve {model} --port {port} --rate-limit 0')")
     ap.add_argument("--squish-dry-run-cmd", help="command for the start-up RSS measurement, with {python} "
@@ -108,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         return check_existing(a.check_results, a.contracts, a.strict)
     t_start = time.perf_counter()
     profile = PROFILES["quick" if a.quick else "full" if a.full else "standard"]
+    experiments = tuple(e.strip() for e in a.experiments.split(",") if e.strip())
+    unknown = [e for e in experiments if e not in EXPERIMENTS]
+    if unknown:
+        print(f"error: --experiments: unknown {unknown}; choose from {', '.join(EXPERIMENTS)}", file=sys.stderr)
+        return 2
     try:
         models = resolve_models(a.models)
     except Exception as e:  # noqa: BLE001 - InputError/SystemFailure: report and stop
@@ -133,20 +141,25 @@ def main(argv: list[str] | None = None) -> int:
     out = result_dir(a.name)
     log(f"results: {out}")
     config = {"argv": argv, "profile": asdict(profile), "seed": a.seed, "systems": systems,
+              "experiments": list(experiments),
               "commands": {s: {"serve": sp.serve_cmd, "dry_run": sp.dry_run_cmd} for s, sp in sys_specs.items()},
               "contracts_file": str(a.contracts), "models": [str(m) for m in models], "machine": mach}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
-    log("import times ...")
-    global_raw = {"import": import_times(profile.import_runs)}
+    global_raw = {}
+    if "startup" in experiments:
+        log("import times ...")
+        global_raw["import"] = import_times(profile.import_runs)
     global_metrics = M.derive({}, global_raw)
     global_metrics = {k: v for k, v in global_metrics.items() if k.startswith("startup.import")}
+    if "startup" not in experiments:
+        global_metrics["startup.import_s"] = {"skipped": "experiment 'startup' was not part of this run (--experiments)"}
     model_rows = []
     plot_files: list[str] = []
     for path in models:
         info = model_info(path)
         run = ModelRun(path, sys_specs, systems, profile, backend, out, a.seed)
-        raw = run.run()
+        raw = run.run(experiments)
         metrics = M.derive(raw, global_raw)
         row = {**info, "long_prompt_tokens": profile.long_tokens(backend), "raw": raw, "metrics": metrics,
                "floor": M.inproc_floor(raw), "errors": raw.get("errors", {})}

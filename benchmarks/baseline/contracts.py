@@ -173,6 +173,8 @@ def failures(verdicts: list[Verdict], strict: bool = False) -> list[Verdict]:
 
 
 def _judge(c: Contract, model: str | None, entry: dict | None) -> Verdict:
+    if entry and entry.get("skipped"):
+        return Verdict(c, NOT_IN_RUN, model, None, entry["skipped"])
     if not entry or entry.get("error"):
         reason = (entry or {}).get("error") or f"metric {c.metric} missing from the results"
         return Verdict(c, FAIL, model, None, f"could not be measured: {reason}")

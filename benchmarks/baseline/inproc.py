@@ -39,14 +39,30 @@ def sample():
     while not done[0]:
         peak[0] = max(peak[0], proc.memory_info().rss); time.sleep(0.002)
 th = threading.Thread(target=sample); th.start()
-# Both loaders call mlx_lm.utils.load_tokenizer after the weights: the peak at that call
-# is the weights phase, reported against the size of the weight files.
-weights_peak = [None]
-_load_tokenizer = mlx_lm.utils.load_tokenizer
-def load_tokenizer(*a, **k):
-    weights_peak[0] = max(peak[0], proc.memory_info().rss)
-    return _load_tokenizer(*a, **k)
-mlx_lm.utils.load_tokenizer = load_tokenizer
+# Each loader loads its tokenizer once, before the weights (Squish: squish.runtime.tokenizer.load)
+# or after them (mlx_lm: mlx_lm.utils.load_tokenizer). That call splits the load into segments:
+# the weights phase is the one before or after it with the larger growth, reported against the
+# size of the weight files.
+segments = []  # (RSS at the segment's start, peak RSS during it)
+start = [before]
+inside = [False]
+def splitting(fn):
+    def wrapped(*a, **k):
+        if inside[0]:  # a nested call (Squish's loader falling back to mlx_lm's)
+            return fn(*a, **k)
+        inside[0] = True
+        now = proc.memory_info().rss
+        segments.append((start[0], max(peak[0], now)))
+        try:
+            return fn(*a, **k)
+        finally:
+            start[0] = peak[0] = proc.memory_info().rss
+            inside[0] = False
+    return wrapped
+mlx_lm.utils.load_tokenizer = splitting(mlx_lm.utils.load_tokenizer)
+if which == "squish":
+    import squish.runtime.tokenizer as T
+    T.load = splitting(T.load)
 t0 = time.perf_counter()
 if which == "squish":
     model = L.load_artifact(path).model
@@ -56,15 +72,16 @@ mx.eval(model.parameters())
 seconds = time.perf_counter() - t0
 done[0] = True; th.join()
 after = proc.memory_info().rss
+segments.append((start[0], max(peak[0], after)))
 ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 ru = ru if sys.platform == "darwin" else ru * 1024
 import pathlib
 size = sum(f.stat().st_size for f in pathlib.Path(path).glob("*.safetensors"))
-wp = weights_peak[0]
+growth = max((p - s for s, p in segments), default=None) if len(segments) == 2 else None
 print(json.dumps({"seconds": seconds, "rss_before": before, "rss_after": after,
-                  "peak_rss": max(peak[0], ru, after), "peak_rss_delta": max(peak[0], after) - before,
+                  "peak_rss": max(peak[0], ru, after), "peak_rss_delta": max(ru, after) - before,
                   "weights_bytes": size,
-                  "weights_peak_ratio": (wp - before) / size if wp is not None and size else None}))
+                  "weights_peak_ratio": growth / size if growth is not None and size else None}))
 """
 
 GENERATE_CHILD = r"""

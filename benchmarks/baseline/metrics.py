@@ -10,12 +10,16 @@ from __future__ import annotations
 from benchmarks.baseline.stats import compare
 from benchmarks.baseline.systems import MLX_LM, SQUISH
 
+# Measurements taken inside the baseline's "servers" experiment.
+SERVER_PARTS = ("http_short", "http_long", "memory_steady", "prefix", "concurrency")
+
 # name -> (unit, higher_is_better, description); the report follows this order.
 METRICS = {
     "startup.import_s": ("s", False, "import time (`import squish` vs `import mlx_lm`)"),
     "startup.dry_run_rss_bytes": ("MB", False, "RSS before the model loads (`squish serve --dry-run` vs `import mlx_lm.server`)"),
     "cold_start.first_token_s": ("s", False, "cold start: process launch → first streamed token"),
     "cold_start.ready_s": ("s", False, "cold start: process launch → `/health` answers 200"),
+    "cold_start.first_over_second": ("×", False, "cold start: first request's TTFT / the second's (same shape)"),
     "load.s": ("s", False, "model load time (in-process, fresh interpreter)"),
     "load.peak_rss_delta_bytes": ("MB", False, "peak RSS added by loading the model"),
     "load.weights_peak_ratio": ("×", False, "peak RSS of the weights phase / weight-file size"),
@@ -28,6 +32,7 @@ METRICS = {
     "memory.peak_rss_bytes": ("MB", False, "server peak RSS per request (short + long)"),
     "memory.peak_bytes": ("MB", False, "server peak memory (RSS, or MLX peak if larger)"),
     "memory.steady_rss_bytes": ("MB", False, "server RSS at rest after generation"),
+    "memory.process_peak_bytes": ("MB", False, "whole server process: peak RSS from launch to the last request"),
     "prefix.cold_ttft_s": ("ms", False, "prefix cache: TTFT, new long prefix"),
     "prefix.warm_ttft_s": ("ms", False, "prefix cache: TTFT, same prefix again"),
     "prefix.warm_over_cold": ("×", False, "prefix cache: warm TTFT / cold TTFT"),
@@ -62,8 +67,14 @@ def derive(raw: dict, global_raw: dict | None = None) -> dict:
     m: dict = {}
     errors = raw.get("errors", {})
 
+    skipped = set(raw.get("skipped", ()))
+
     def missing(key: str, exp: str) -> None:
-        m[key] = {"error": errors.get(exp, f"experiment '{exp}' did not run")}
+        top = "servers" if exp in SERVER_PARTS else exp
+        if top in skipped:
+            m[key] = {"skipped": f"experiment '{top}' was not part of this run (--experiments)"}
+        else:
+            m[key] = {"error": errors.get(exp, f"experiment '{exp}' did not run")}
 
     if global_raw and "import" in global_raw:
         m["startup.import_s"] = _cmp("startup.import_s", global_raw["import"].get(SQUISH, []),
@@ -76,6 +87,10 @@ def derive(raw: dict, global_raw: dict | None = None) -> dict:
     if "cold_start" in raw:
         for key, field in (("cold_start.first_token_s", "first_token_s"), ("cold_start.ready_s", "ready_s")):
             m[key] = _one_sided(key, *_pair(raw["cold_start"], lambda r, f=field: r[f]))
+        m["cold_start.first_over_second"] = _one_sided(
+            "cold_start.first_over_second",
+            *_pair(raw["cold_start"], lambda r: r["first_ttft_s"] / r["second_ttft_s"]
+                   if r.get("first_ttft_s") and r.get("second_ttft_s") else None))
     else:
         missing("cold_start.first_token_s", "cold_start")
     if "load" in raw:
@@ -109,8 +124,12 @@ def derive(raw: dict, global_raw: dict | None = None) -> dict:
         mem = raw["memory"]
         m["memory.steady_rss_bytes"] = _one_sided("memory.steady_rss_bytes", (mem.get(SQUISH) or {}).get("rss", []),
                                                   (mem.get(MLX_LM) or {}).get("rss", []))
+        m["memory.process_peak_bytes"] = _one_sided(
+            "memory.process_peak_bytes", [(mem.get(SQUISH) or {}).get("process_peak")],
+            [(mem.get(MLX_LM) or {}).get("process_peak")])
     else:
         missing("memory.steady_rss_bytes", "memory_steady")
+        missing("memory.process_peak_bytes", "memory_steady")
     if "prefix" in raw:
         p = raw["prefix"]
         m["prefix.cold_ttft_s"] = _one_sided("prefix.cold_ttft_s", *_pair(p, lambda r: r["cold_ttft"]))

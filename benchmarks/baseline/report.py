@@ -10,6 +10,7 @@ from benchmarks.baseline.stats import fmt_comparison
 
 HEADLINE = ("startup.import_s", "startup.dry_run_rss_bytes", "cold_start.first_token_s", "load.s",
             "http.short.ttft_s", "http.short.decode_tok_s", "http.long.ttft_s", "memory.peak_rss_bytes",
+            "memory.process_peak_bytes",
             "prefix.warm_over_cold", "concurrency.c4.aggregate_tok_s")
 
 

@@ -26,6 +26,9 @@ from benchmarks.baseline.streaming import StreamResult, chat_body, concurrent_st
 from benchmarks.baseline.systems import MLX_LM, SQUISH, Server, SystemSpec, peak_child_rss, tree_rss
 
 MLX_PEAK_METRIC = "squish_mlx_peak_memory_bytes"
+# Per model, in this order; ``--experiments`` picks a subset (the servers one holds the HTTP
+# latency, memory, prefix and concurrency measurements).
+EXPERIMENTS = ("startup", "load", "inproc", "cold_start", "servers")
 
 
 @dataclass(frozen=True)
@@ -118,13 +121,15 @@ class ModelRun:
             (self.out / f"error_{name}.txt").write_text(traceback.format_exc())
         log(f"{self.model.name}: {name} done in {time.perf_counter() - t0:.1f} s")
 
-    def run(self) -> dict:
-        self._guard("startup", self.startup)
-        self._guard("load", self.load)
-        if self.p.inproc_runs:
-            self._guard("inproc", self.inproc_floor)
-        self._guard("cold_start", self.cold_start)
-        self._guard("servers", self.servers)
+    def run(self, experiments: tuple[str, ...] = EXPERIMENTS) -> dict:
+        steps = {"startup": self.startup, "load": self.load, "inproc": self.inproc_floor,
+                 "cold_start": self.cold_start, "servers": self.servers}
+        skipped = [e for e in EXPERIMENTS if e not in experiments]
+        if skipped:
+            self.raw["skipped"] = skipped
+        for name in EXPERIMENTS:
+            if name in experiments and (name != "inproc" or self.p.inproc_runs):
+                self._guard(name, steps[name])
         return self.raw
 
     # -- start-up -----------------------------------------------------------------------
@@ -170,12 +175,16 @@ class ModelRun:
         try:
             server.wait_ready(self.p.server_timeout_s)
             ready = time.perf_counter() - server.started_at
-            body = chat_body(server.model_field, prompts.tagged(self.tag(), prompts.SHORT), 4)
+            # The second request has the first one's shape (another tag, same length): what the
+            # two share is the chat template's own preamble, which a server may prepare at
+            # start. A first request slower than the second pays for work left to it.
+            bodies = [chat_body(server.model_field, prompts.tagged(self.tag(), prompts.SHORT), 4) for _ in range(2)]
             with httpx.Client(timeout=self.p.server_timeout_s) as c:
-                r = stream_chat(c, server.base_url, body, self.tokens.count)
-            if r.ttft is None:
-                raise RuntimeError(f"{system}: the cold-start request streamed no content")
-            return {"ready_s": ready, "first_token_s": r.t_send + r.ttft - server.started_at}
+                first, second = (stream_chat(c, server.base_url, b, self.tokens.count) for b in bodies)
+            if first.ttft is None or second.ttft is None:
+                raise RuntimeError(f"{system}: a cold-start request streamed no content")
+            return {"ready_s": ready, "first_token_s": first.t_send + first.ttft - server.started_at,
+                    "first_ttft_s": first.ttft, "second_ttft_s": second.ttft}
         finally:
             server.stop()
 
@@ -185,6 +194,7 @@ class ModelRun:
         try:
             for s in self.systems:
                 running[s] = Server(self.specs[s], self.model, self.out / f"server_{s}.log").start()
+                running[s].start_sampling()  # from launch: the whole-process peak includes the load
             for s, srv in list(running.items()):
                 try:
                     srv.wait_ready(self.p.server_timeout_s)
@@ -193,7 +203,6 @@ class ModelRun:
                     log(f"{self.model.name}: {s} server did not start: {e}")
                     running.pop(s).stop()
                     continue
-                srv.start_sampling()
             if not running:
                 raise RuntimeError("no server started; see server_*.log")
             self.raw["server_commands"] = {s: srv.spec.argv(srv.spec.serve_cmd, self.model, srv.port)
@@ -241,6 +250,7 @@ class ModelRun:
             time.sleep(0.2)
         for s, srv in running.items():
             res[s]["mlx_peak_bytes"] = _scrape_metric(client, srv.base_url, MLX_PEAK_METRIC)
+            res[s]["process_peak"] = srv.process_peak()
         self.raw["memory"] = res
 
     def _prefix(self, running: dict[str, Server], client: httpx.Client) -> None:

@@ -185,6 +185,19 @@ class Server:
         self.sampler = RssSampler(self.proc.pid)
         return self.sampler
 
+    def process_peak(self) -> int:
+        """The server's whole-process peak RSS since launch: the kernel's VmHWM where the OS
+        keeps one (Linux), and the sampler's peak (every 10 ms from launch) in any case."""
+        peak = self.sampler.overall_peak if self.sampler else 0
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+        return peak
+
     def stop(self) -> None:
         if self.sampler:
             self.sampler.stop()

@@ -66,15 +66,29 @@ def load_artifact(path: Path, *, verify_hashes: bool = False) -> LoadedModel:
     check_files(path, manifest, verify_hashes=verify_hashes)
 
     import mlx.core as mx
-    from mlx_lm.utils import load_model, load_tokenizer
+    from mlx_lm.utils import load_config, load_model
 
+    from squish.hardware import release_free_heap
+    from squish.runtime import tokenizer as tokenizers
+
+    # The tokenizer first: parsing tokenizer.json briefly needs more than its steady
+    # memory, and that transient is handed back before the weights arrive instead of
+    # on top of them. squish.runtime.tokenizer says why it is not transformers'.
+    try:
+        eos = load_config(path).get("eos_token_id")
+    except (ValueError, OSError) as e:
+        raise InputError(f"{path}/config.json: unreadable ({e})") from e
+    try:
+        tokenizer = tokenizers.load(path, eos_token_ids=eos)
+    except Exception as e:  # noqa: BLE001 - tokenizers / transformers raise many kinds
+        raise InputError(f"{path}: the tokenizer cannot be loaded: {e}") from e
+    release_free_heap()
     try:
         model, config = load_model(path, lazy=True)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise InputError(f"{path}: the model cannot be built from its files: {e}") from e
     check_finite(model, path)
     mx.eval(model.parameters())
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     from squish.runtime.prompts import chat_facts
 
     facts = chat_facts(tokenizer, config)

@@ -85,16 +85,21 @@ _closers: dict[int, tuple] = {}  # id(LLTokenizer) -> (LLTokenizer, quote, brack
 
 
 def ll_tokenizer(tokenizer):
-    """The llguidance view of an mlx_lm ``TokenizerWrapper`` (built once, ~0.5 s)."""
+    """The llguidance view of the served tokenizer (built once, ~0.5 s)."""
     with _lock:
         hit = _tokenizers.get(id(tokenizer))
         if hit is not None and hit[0] is tokenizer:
             return hit[1]
-    import llguidance.hf
+    from copy import copy
 
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    from llguidance import LLTokenizer
+
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx_lm's wrapper, or squish.runtime.tokenizer's
     eos = sorted(getattr(tokenizer, "eos_token_ids", None) or [hf.eos_token_id])
-    llt = llguidance.hf.from_tokenizer(hf, eos_token=eos)
+    rust = copy(hf.backend_tokenizer)  # the Rust tokenizer, added tokens included
+    rust.no_padding()
+    rust.no_truncation()
+    llt = LLTokenizer(rust.to_str(), eos_token=eos)
     with _lock:
         _tokenizers[id(tokenizer)] = (tokenizer, llt)
     return llt

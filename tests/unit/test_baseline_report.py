@@ -27,9 +27,11 @@ def fake_raw(n=6):
         "dry_run": {"squish": [{"peak_rss_bytes": 90e6}] * 2, "mlx_lm": [{"peak_rss_bytes": 150e6}] * 2},
         "load": {"squish": [{"seconds": 0.5, "peak_rss_delta": 80e6}] * n,
                  "mlx_lm": [{"seconds": 0.6, "peak_rss_delta": 90e6}] * n},
-        "cold_start": {"squish": [{"ready_s": 2.0, "first_token_s": 2.5}], "mlx_lm": [{"ready_s": 3.0, "first_token_s": 3.4}]},
+        "cold_start": {"squish": [{"ready_s": 2.0, "first_token_s": 2.5, "first_ttft_s": 0.6, "second_ttft_s": 0.5}],
+                       "mlx_lm": [{"ready_s": 3.0, "first_token_s": 3.4}]},
         "http": {"short": {"squish": sq, "mlx_lm": ml}, "long": {"squish": sq, "mlx_lm": ml}},
-        "memory": {"squish": {"rss": [250e6] * 5, "mlx_peak_bytes": 350e6}, "mlx_lm": {"rss": [300e6] * 5}},
+        "memory": {"squish": {"rss": [250e6] * 5, "mlx_peak_bytes": 350e6, "process_peak": 420e6},
+                   "mlx_lm": {"rss": [300e6] * 5, "process_peak": 510e6}},
         "prefix": {"squish": [{"cold_ttft": 1.0, "warm_ttft": 0.2}] * 2, "mlx_lm": [{"cold_ttft": 1.0, "warm_ttft": 0.5}] * 2},
     }
 
@@ -45,6 +47,12 @@ def test_derive_names_every_contract_metric_and_pairs_systems():
     assert m["memory.peak_rss_bytes"]["squish"]["max"] == 300e6
     assert m["prefix.warm_over_cold"]["squish"]["p50"] == pytest.approx(0.2)
     assert m["cold_start.first_token_s"]["verdict"] == "n too small"
+    # the first request against the second, in the same fresh process (Squish's only here)
+    assert m["cold_start.first_over_second"]["squish"]["p50"] == pytest.approx(1.2)
+    assert m["cold_start.first_over_second"]["mlx_lm"]["n"] == 0
+    # the whole process from launch: one figure per server run, load included
+    assert m["memory.process_peak_bytes"]["squish"]["max"] == 420e6
+    assert m["memory.process_peak_bytes"]["ratio"] == pytest.approx(420 / 510)
     # a failed experiment is carried as an error, not silently dropped
     assert "boom" in m["concurrency.c4.aggregate_tok_s"]["error"]
 
@@ -167,3 +175,18 @@ def test_a_server_that_never_started_is_named_in_metrics_and_contracts():
     [c] = [c for c in C.load(C.DEFAULT_FILE) if c.id == "portable.ttft_short"]
     [v] = C.evaluate([c], {"chip": "x", "backend": "cpu"}, [{"label": "x", "metrics": m}], {})
     assert v.status == C.FAIL and "exited with code 2" in v.detail
+
+
+def test_experiments_left_out_are_not_measured_in_this_run_not_failures():
+    from benchmarks.baseline import contracts as C
+
+    raw = {"errors": {}, "skipped": ["servers", "load"],
+           "cold_start": {"squish": [{"ready_s": 2.0, "first_token_s": 2.5}] * 6,
+                          "mlx_lm": [{"ready_s": 3.0, "first_token_s": 3.4}] * 6}}
+    m = M.derive(raw)
+    assert "not part of this run" in m["memory.process_peak_bytes"]["skipped"]
+    assert "not part of this run" in m["http.short.ttft_s"]["skipped"]
+    cs = [c for c in C.load() if c.id in ("portable.peak_memory", "portable.cold_start")]
+    verdicts = {v.contract.id: v for v in C.evaluate(cs, {"backend": "cpu"}, [{"label": "x", "metrics": m}], {})}
+    assert verdicts["portable.peak_memory"].status == C.NOT_IN_RUN
+    assert verdicts["portable.cold_start"].status == C.PASS  # 2.5 / 3.4 = 0.74x, every pair faster
