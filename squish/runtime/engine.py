@@ -99,7 +99,7 @@ class Finish:
 
 @dataclass
 class Error:
-    kind: str  # "timeout" | "queue_timeout" | "numerical" | "internal"
+    kind: str  # "timeout" | "queue_timeout" | "numerical" | "internal" | "unavailable" (a rank failed)
     message: str
 
 
@@ -369,8 +369,9 @@ class Engine:
             chosen = mx.stack([r.logprobs[r.token] for r in responses]).tolist()
         except Exception as exc:  # noqa: BLE001 - keep serving other requests
             log.exception("decode step failed; failing %d active requests", len(self._active))
+            kind = getattr(exc, "kind", "internal")  # squish.runtime.distributed: "unavailable"
             for st in list(self._active.values()):
-                self._end(st, Error("internal", f"inference failed: {exc}"), remove=True)
+                self._end(st, Error(kind, f"inference failed: {exc}"), remove=True)
             return
         now = time.monotonic()
         for r, lp in zip(responses, chosen):
@@ -435,7 +436,7 @@ class Engine:
             if got is not None:
                 kv, tokens = got
         if kv is not None and tokens is not None and not isinstance(final, Error):
-            self._prefix.store(list(tokens), kv)
+            self._keep_prefix(st.uid, list(tokens), kv)
         if isinstance(final, Finish):
             err = getattr(st.processor, "error", None)
             problem = st.problem or ("grammar" if err is not None else None)
@@ -446,6 +447,11 @@ class Engine:
         else:
             status = final.kind
         self._emit_final(st.req, final, status)
+
+    def _keep_prefix(self, uid: int, tokens: list[int], kv) -> None:
+        """Offer a finished sequence's KV cache to the prefix cache (a hook: the
+        distributed leader also tells the other ranks to keep theirs)."""
+        self._prefix.store(tokens, kv)
 
     def _emit_final(self, req: Request, final, status: str) -> None:
         if isinstance(final, Finish):
