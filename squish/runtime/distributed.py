@@ -12,7 +12,8 @@ wrapped in ``LeaderGen``. Every call that changes the batch (``insert``, ``remov
 and every prefix-cache store is written to a journal; before each ``next()`` (the only
 call that computes, and the only one with collectives in it) the journal is broadcast,
 and every other rank (``Follower``) applies the same calls in the same order to its own
-``BatchGenerator`` and prefix cache, then runs the same ``next()`` on its shard. So
+``BatchGenerator`` and prefix cache (bounded so that every rank evicts alike:
+``pipeline_prefix``), then runs the same ``next()`` on its shard. So
 every rank holds the same batch, in the same order, with the same uids, the same
 prefix-cache hits (a follower's lookup must return rank 0's reuse length, or it stops:
 ``Diverged``) and the same caches; the model's own collectives then line up.
@@ -250,6 +251,27 @@ def load_rank(comm: Comm, spec: ClusterSpec, path: Path):
     return info, mode
 
 
+def pipeline_prefix(comm: Comm, model, mode: str, max_bytes: int | None) -> int | None:
+    """The prefix cache's bound per layer in pipeline mode (None in tensor mode).
+
+    Every rank's prefix cache must keep and evict the same entries. Tensor-parallel
+    ranks hold the same shapes, so rank 0's byte bound works everywhere. Pipeline ranks
+    hold different numbers of layers: each gets ``per_layer * its layers`` bytes, and
+    since every layer's cache costs the same per token, every rank then decides alike.
+    If any rank's caches are not plain KV caches (recurrent or windowed layers), no
+    rank keeps prefixes (0)."""
+    if mode != sharding.PIPELINE:
+        return None
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from squish.runtime.prompt_cache import PrefixCache
+
+    recs = comm.gather({"plain": PrefixCache.reusable(make_prompt_cache(model)), "layers": len(model.layers)})
+    if not all(r["plain"] for r in recs) or not max_bytes:
+        return 0
+    return max_bytes // recs[0]["layers"]
+
+
 class LeaderGen:
     """Rank 0's ``BatchGenerator``, journaled: the other ranks replay every call."""
 
@@ -337,14 +359,14 @@ class LeaderEngine(Engine):
         return info
 
     def _setup(self) -> None:
-        if self.mode == sharding.PIPELINE:
-            # Pipeline ranks hold different layers, so their caches differ in size and a
-            # byte bound would evict differently on each: no prefix cache there.
-            self._prefix_bytes = 0
         super()._setup()
         self.comm.stream = self._gen.stream
-        self.comm.broadcast({"mode": self.mode, "prefix_bytes": self._prefix_bytes, "max_batch": self.max_batch,
-                             "prefill_step": self._prefill_step, "stop": sorted(self._eos)})
+        per_layer = pipeline_prefix(self.comm, self.model_info.model, self.mode, self._prefix_bytes)
+        if per_layer is not None:
+            self._prefix.max_bytes = per_layer * len(self.model_info.model.layers)
+        self.comm.broadcast({"prefix_bytes": self._prefix.max_bytes, "prefix_per_layer": per_layer,
+                             "max_batch": self.max_batch, "prefill_step": self._prefill_step,
+                             "stop": sorted(self._eos)})
         self._gen = LeaderGen(self._gen, self.comm, self._collective_failed)
 
     # ---- any thread -----------------------------------------------------------------------
@@ -439,7 +461,8 @@ class Follower:
                                   completion_batch_size=cfg["max_batch"], prefill_batch_size=cfg["max_batch"],
                                   prefill_step_size=cfg["prefill_step"])
         comm.stream = self.gen.stream
-        self.prefix = PrefixCache(cfg["prefix_bytes"])
+        per_layer = cfg["prefix_per_layer"]
+        self.prefix = PrefixCache(cfg["prefix_bytes"] if per_layer is None else per_layer * len(model.layers))
         self._ended: dict = {}  # uid -> (kv, tokens): ended since the last step, for "s"
         self._live: set[int] = set()
 
@@ -505,6 +528,7 @@ def run_worker(spec: ClusterSpec, rank: int, model: str, resolve: Callable[[str]
     path = agree(comm, spec, model, resolve)
     state["phase"] = "loading"
     info, mode = load_rank(comm, spec, path)
+    pipeline_prefix(comm, info.model, mode, 0)  # rank 0 decides; this rank reports its layers
     cfg = comm.broadcast()
     follower = Follower(info.model, comm, cfg, state)
     state.update(phase="ready", active=mx.get_active_memory(), peak=mx.get_peak_memory(),
