@@ -368,8 +368,11 @@ class Engine:
                 return
             chosen = mx.stack([r.logprobs[r.token] for r in responses]).tolist()
         except Exception as exc:  # noqa: BLE001 - keep serving other requests
-            log.exception("decode step failed; failing %d active requests", len(self._active))
             kind = getattr(exc, "kind", "internal")  # squish.runtime.distributed: "unavailable"
+            if kind == "internal":
+                log.exception("decode step failed; failing %d active requests", len(self._active))
+            else:  # a known failure (a rank of a multi-machine server): its message says it all
+                log.error("decode step failed: %s; failing %d active requests", exc, len(self._active))
             for st in list(self._active.values()):
                 self._end(st, Error(kind, f"inference failed: {exc}"), remove=True)
             return
