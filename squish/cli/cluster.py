@@ -203,7 +203,7 @@ def launch(args, settings) -> int:
     from squish.artifact import check_files, read_manifest
     from squish.models import resolve_model
     from squish.runtime import sharding
-    from squish.runtime.distributed import ENV, ClusterSpec
+    from squish.runtime.ranks import ENV, ClusterSpec
 
     hosts, backend = read_hosts(args)
     path = resolve_model(args.model)

@@ -120,7 +120,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     if os.environ.get("SQUISH_CLUSTER"):  # a rank that `squish serve --hosts` started through mlx.launch
         from squish.cli.cluster import run_rank
-        from squish.runtime.distributed import ClusterSpec
+        from squish.runtime.ranks import ClusterSpec
 
         return run_rank(args, ClusterSpec.from_env())
     logging.getLogger().setLevel(logging.WARNING if args.quiet else logging.INFO)

@@ -13,7 +13,7 @@ import pytest
 from squish.cli import cluster
 from squish.errors import InputError
 from squish.runtime import liveness, sharding
-from squish.runtime.distributed import ClusterSpec, agree
+from squish.runtime.ranks import ClusterSpec, agree
 
 SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
            "intermediate_size": 1536, "num_hidden_layers": 30, "quantization": {"group_size": 64, "bits": 4}}
@@ -135,7 +135,7 @@ def test_a_rank_with_another_artifact_or_none_is_named(tmp_path):
 
 
 def _fp(path):
-    from squish.runtime.distributed import fingerprint
+    from squish.runtime.ranks import fingerprint
 
     return fingerprint(path)
 
