@@ -291,11 +291,14 @@ def _supervise(cmd: list[str], api_key: str | None, spec) -> int:
     for r, c in sorted(failed.items()):
         how = f"was killed by signal {-c}" if c < 0 else f"exited with code {c}"
         print(f"squish: {spec.name(r)} {how}", file=sys.stderr, flush=True)
-    if not failed:
-        return 0
-    for r in sorted(set(range(len(spec.hosts))) - set(ends)):
-        print(f"squish: {spec.name(r)} did not stop in time and was killed", file=sys.stderr, flush=True)
-    return failed[0] if failed.get(0) in (1, 2) else 2
+    if failed:
+        for r in sorted(set(range(len(spec.hosts))) - set(ends)):
+            print(f"squish: {spec.name(r)} did not stop in time and was killed", file=sys.stderr, flush=True)
+    if failed.get(0) in (1, 2):
+        return failed[0]
+    if asked[0] and 0 not in failed:
+        return 0  # the stop the user asked for (workers may have seen rank 0 leave first)
+    return 2 if failed or proc.returncode != 0 else 0  # a launcher that failed by itself counts too
 
 
 # ---- inside a rank ---------------------------------------------------------------------------
