@@ -149,15 +149,18 @@ class LeaderEngine(Engine):
             raise SystemFailure(f"{', '.join(spec.name(r) for r in missing)} did not join within {STARTUP_S:g} s: "
                                 f"the process did not start there or cannot reach {spec.leader}:{spec.health_port} "
                                 "(see its output above)")
-        t0 = time.perf_counter()
-        self.comm = Comm(init_group(spec, self.fail))
-        log.info("MLX's %s backend connected %d ranks in %.1f s", spec.backend, len(spec.hosts),
-                 time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        path = agree(self.comm, spec, self._model, self._resolve)
-        log.info("every rank holds the same artifact (checked in %.1f s)", time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        info, self.mode = load_rank(self.comm, spec, path)
+        try:
+            t0 = time.perf_counter()
+            self.comm = Comm(init_group(spec, self.fail))
+            log.info("MLX's %s backend connected %d ranks in %.1f s", spec.backend, len(spec.hosts),
+                     time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            path = agree(self.comm, spec, self._model, self._resolve)
+            log.info("every rank holds the same artifact (checked in %.1f s)", time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            info, self.mode = load_rank(self.comm, spec, path)
+        except RuntimeError as exc:  # a collective failed: a rank is gone
+            raise SystemFailure(str(self._collective_failed(exc))) from exc
         log.info("every rank holds its %s-parallel share of %s (loaded in %.1f s)", self.mode, info.name,
                  time.perf_counter() - t0)
         return info
@@ -165,12 +168,15 @@ class LeaderEngine(Engine):
     def _setup(self) -> None:
         super()._setup()
         self.comm.stream = self._gen.stream
-        per_layer = pipeline_prefix(self.comm, self.model_info.model, self.mode, self._prefix_bytes)
-        if per_layer is not None:
-            self._prefix.max_bytes = per_layer * len(self.model_info.model.layers)
-        self.comm.broadcast({"prefix_bytes": self._prefix.max_bytes, "prefix_per_layer": per_layer,
-                             "max_batch": self.max_batch, "prefill_step": self._prefill_step,
-                             "stop": sorted(self._eos)})
+        try:
+            per_layer = pipeline_prefix(self.comm, self.model_info.model, self.mode, self._prefix_bytes)
+            if per_layer is not None:
+                self._prefix.max_bytes = per_layer * len(self.model_info.model.layers)
+            self.comm.broadcast({"prefix_bytes": self._prefix.max_bytes, "prefix_per_layer": per_layer,
+                                 "max_batch": self.max_batch, "prefill_step": self._prefill_step,
+                                 "stop": sorted(self._eos)})
+        except RuntimeError as exc:
+            raise SystemFailure(str(self._collective_failed(exc))) from exc
         self._gen = LeaderGen(self._gen, self.comm, self._collective_failed)
 
     # ---- any thread -----------------------------------------------------------------------

@@ -51,7 +51,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from squish.errors import InputError
+from squish.errors import SquishError
 from squish.hardware import release_free_heap
 from squish.runtime.detokenizer import TextStream, detect_loop
 from squish.runtime.sampling import SamplingParams
@@ -206,7 +206,7 @@ class Engine:
         try:
             self.model_info = self._load()
             self._setup()
-        except InputError as exc:  # a bad artifact: the message says what is wrong, no traceback
+        except SquishError as exc:  # a bad artifact, a failed rank: the message says what is wrong
             log.error("model failed to load: %s", exc)
             self.load_error, self.load_exit_code = f"model failed to load: {exc}", exc.exit_code
             self.failed.set()

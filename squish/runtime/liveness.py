@@ -8,7 +8,10 @@ the ``all_sum`` blocks forever, and a rank that never starts leaves ``init`` wai
 30 s or more. So Squish watches the ranks beside MLX: every worker rank keeps one TCP
 connection to rank 0 and sends one line of JSON every ``BEAT_S`` seconds (its phase
 and MLX memory); rank 0 answers every line. A closed connection means the process is
-gone (reported at once); ``TIMEOUT_S`` seconds of silence means it stopped answering.
+gone (reported at once); ``TIMEOUT_S`` seconds of silence (``LOAD_TIMEOUT_S`` while the
+ranks start and load) means it stopped answering. Silence is counted only while the
+watcher itself runs: on a starved machine a thread that wakes up late reads what is
+waiting and starts counting anew, rather than blaming the other side for its own delay.
 Either side that loses the other reports it; rank 0 names the rank and its host.
 
 The channel carries no model data and no commands: requests, sampling decisions and
@@ -34,7 +37,9 @@ from typing import Callable
 log = logging.getLogger("squish.cluster")
 
 BEAT_S = 0.5
-TIMEOUT_S = 5.0
+TIMEOUT_S = 5.0  # silence that means "stopped answering" once the ranks serve
+LOAD_TIMEOUT_S = 60.0  # the same while a rank starts and loads (heavy imports can stall its threads)
+STALL_S = 1.0  # a watcher whose own loop stalled this long (its process starved) starts counting anew
 HELLO_TIMEOUT_S = 5.0
 MAX_LINE = 4096
 
@@ -45,6 +50,7 @@ class RankState:
     host: str
     up: bool = False  # said hello and has not failed
     last_seen: float = 0.0
+    conn: socket.socket | None = None
     error: str | None = None
     info: dict = field(default_factory=dict)  # the latest beat: phase, memory
 
@@ -54,8 +60,8 @@ class Monitor:
 
     def __init__(self, bind: str, port: int, token: str, hosts: list[str], *,
                  on_failure: Callable[[int, str], None], on_beat: Callable[[int, dict], None] | None = None,
-                 timeout: float = TIMEOUT_S):
-        self.token, self.hosts, self.timeout = token, hosts, timeout
+                 timeout: float = TIMEOUT_S, load_timeout: float = LOAD_TIMEOUT_S):
+        self.token, self.hosts, self.timeout, self.load_timeout = token, hosts, timeout, load_timeout
         self._on_failure, self._on_beat = on_failure, on_beat
         self._lock = threading.Lock()
         self._ranks = {r: RankState(r, h) for r, h in enumerate(hosts) if r > 0}
@@ -152,7 +158,7 @@ class Monitor:
             conn.settimeout(None)
             with self._lock:
                 s = self._ranks[rank]
-                s.up, s.last_seen, s.info = True, time.monotonic(), hello
+                s.up, s.last_seen, s.info, s.conn = True, time.monotonic(), hello, conn
                 self._open += 1
                 opened = True
             log.info("%s joined (pid %s)", self.describe(rank), hello.get("pid"))
@@ -176,21 +182,37 @@ class Monitor:
         if opened and not self._closed.is_set():
             self._fail(rank, "exited or closed its connection (the process is gone)")
 
+    def _limit(self, s: RankState) -> float:
+        return self.timeout if s.info.get("phase") == "ready" else self.load_timeout
+
     def _watch(self) -> None:
+        last = time.monotonic()
         while not self._closed.wait(BEAT_S / 2):
             now = time.monotonic()
+            stalled, last = now - last > STALL_S, now
             with self._lock:
-                silent = [r for r, s in self._ranks.items() if s.up and now - s.last_seen > self.timeout]
-            for r in silent:
-                self._fail(r, f"stopped answering (no heartbeat for {self.timeout:g} s)")
+                if stalled:  # this process was starved: nobody can be blamed for that
+                    for s in self._ranks.values():
+                        s.last_seen = max(s.last_seen, now)
+                silent = [(r, s.conn, self._limit(s)) for r, s in self._ranks.items()
+                          if s.up and now - s.last_seen > self._limit(s)]
+            for r, conn, limit in silent:
+                try:
+                    waiting = bool(select.select([conn], [], [], 0)[0])  # beats not read yet
+                except (OSError, ValueError):
+                    waiting = False
+                if not waiting:
+                    self._fail(r, f"stopped answering (no heartbeat for {limit:g} s)")
 
 
 class Beacon:
     """A worker's side: one connection to rank 0, a beat every ``BEAT_S`` seconds."""
 
     def __init__(self, host: str, port: int, token: str, rank: int, *, stats: Callable[[], dict],
-                 on_lost: Callable[[str], None], timeout: float = TIMEOUT_S):
-        self.addr, self.token, self.rank, self.timeout = (host, port), token, rank, timeout
+                 on_lost: Callable[[str], None], timeout: float = TIMEOUT_S,
+                 load_timeout: float = LOAD_TIMEOUT_S):
+        self.addr, self.token, self.rank = (host, port), token, rank
+        self.timeout, self.load_timeout = timeout, load_timeout
         self._stats, self._on_lost = stats, on_lost
         self._sock: socket.socket | None = None
         self._quiet = threading.Event()
@@ -224,20 +246,30 @@ class Beacon:
     def _run(self) -> None:
         sock = self._sock
         assert sock is not None
-        heard = time.monotonic()
+        heard = last = time.monotonic()
         why = None
         try:
             while why is None:
-                sock.sendall((json.dumps(self._stats()) + "\n").encode())
+                stats = self._stats()
+                sock.sendall((json.dumps(stats) + "\n").encode())
                 end = time.monotonic() + BEAT_S
-                while why is None and (left := end - time.monotonic()) > 0:
-                    ready, _, _ = select.select([sock], [], [], left)
+                while why is None:  # read whatever waits, even when this thread woke up late
+                    ready, _, _ = select.select([sock], [], [], max(0.0, end - time.monotonic()))
                     if ready:
                         if not sock.recv(MAX_LINE):
                             why = "rank 0 closed the health channel (the server stopped or died)"
                         heard = time.monotonic()
-                if why is None and time.monotonic() - heard > self.timeout:
-                    why = f"rank 0 stopped answering (no reply for {self.timeout:g} s)"
+                    elif time.monotonic() >= end:
+                        break
+                now = time.monotonic()
+                if now - last > BEAT_S + STALL_S:  # this process was starved: count anew
+                    heard = max(heard, now)
+                last = now
+                limit = self.timeout if stats.get("phase") == "ready" else self.load_timeout
+                if why is None and now - heard > limit:
+                    why = f"rank 0 stopped answering (no reply for {limit:g} s)"
+        except (BrokenPipeError, ConnectionResetError):
+            why = "rank 0 closed the health channel (the server stopped or died)"
         except OSError as exc:
             why = f"lost the health channel to rank 0: {exc}"
         if not self._quiet.is_set():

@@ -150,7 +150,7 @@ def monitor():
         port = s.getsockname()[1]
     m = liveness.Monitor("127.0.0.1", port, "tok", ["127.0.0.1", "127.0.0.1", "127.0.0.1"],
                          on_failure=lambda r, msg: failures.append(msg), on_beat=lambda r, b: beats.append((r, b)),
-                         timeout=1.0)
+                         timeout=1.0, load_timeout=1.0)
     m.start()
     m.failures, m.beats, m.port = failures, beats, port
     yield m
@@ -217,7 +217,7 @@ def test_a_worker_notices_when_rank_0_goes_away(rank0, why):
     lost: list[str] = []
     with socket.create_server(("127.0.0.1", 0)) as server:
         b = liveness.Beacon("127.0.0.1", server.getsockname()[1], "tok", 1, stats=dict, on_lost=lost.append,
-                            timeout=1.0)
+                            timeout=1.0, load_timeout=1.0)
         b.connect(time.monotonic() + 5)
         conn, _ = server.accept()
         with conn:
