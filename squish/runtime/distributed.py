@@ -346,6 +346,8 @@ def run_worker(spec: ClusterSpec, rank: int, model: str, resolve: Callable[[str]
     log.info("%s ready (%s parallel)", spec.name(rank), mode)
     try:
         follower.run()
-    except RuntimeError as exc:  # a collective failed: rank 0 (or another rank) is gone
-        raise SystemFailure(f"{spec.name(rank)} lost the other ranks: {exc}") from exc
+    except Diverged:
+        raise  # a bug: keep the traceback
+    except Exception as exc:  # noqa: BLE001 - a collective failed or returned nothing: a rank is gone
+        raise SystemFailure(f"{spec.name(rank)} lost the other ranks ({type(exc).__name__}: {exc})") from exc
     beacon.quiet()
