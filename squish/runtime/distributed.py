@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from squish.errors import SystemFailure
+from squish.errors import SquishError, SystemFailure
 from squish.runtime.engine import Engine, Error
 from squish.runtime.liveness import Beacon, Monitor
 from squish.runtime.ranks import ClusterSpec, Comm, agree, init_group, load_rank, pipeline_prefix
@@ -334,20 +334,20 @@ def run_worker(spec: ClusterSpec, rank: int, model: str, resolve: Callable[[str]
     except OSError as exc:
         raise SystemFailure(f"{spec.name(rank)}: {exc}") from exc
     beacon.start()
-    comm = Comm(init_group(spec, on_lost))
-    path = agree(comm, spec, model, resolve)
-    state["phase"] = "loading"
-    info, mode = load_rank(comm, spec, path)
-    pipeline_prefix(comm, info.model, mode, 0)  # rank 0 decides; this rank reports its layers
-    cfg = comm.broadcast()
-    follower = Follower(info.model, comm, cfg, state)
-    state.update(phase="ready", active=mx.get_active_memory(), peak=mx.get_peak_memory(),
-                 cache=mx.get_cache_memory())
-    log.info("%s ready (%s parallel)", spec.name(rank), mode)
     try:
+        comm = Comm(init_group(spec, on_lost))
+        path = agree(comm, spec, model, resolve)
+        state["phase"] = "loading"
+        info, mode = load_rank(comm, spec, path)
+        pipeline_prefix(comm, info.model, mode, 0)  # rank 0 decides; this rank reports its layers
+        cfg = comm.broadcast()
+        follower = Follower(info.model, comm, cfg, state)
+        state.update(phase="ready", active=mx.get_active_memory(), peak=mx.get_peak_memory(),
+                     cache=mx.get_cache_memory())
+        log.info("%s ready (%s parallel)", spec.name(rank), mode)
         follower.run()
-    except Diverged:
-        raise  # a bug: keep the traceback
+    except (SquishError, Diverged):
+        raise  # a refusal every rank reports alike, or a bug (keep its traceback)
     except Exception as exc:  # noqa: BLE001 - a collective failed or returned nothing: a rank is gone
         raise SystemFailure(f"{spec.name(rank)} lost the other ranks ({type(exc).__name__}: {exc})") from exc
     beacon.quiet()
