@@ -332,7 +332,7 @@ def run_worker(spec: ClusterSpec, rank: int, model: str, resolve: Callable[[str]
     try:
         beacon.connect(time.monotonic() + STARTUP_S)
     except OSError as exc:
-        raise SystemFailure(f"{spec.name(rank)}: {exc}") from exc
+        raise SystemFailure(str(exc)) from exc
     beacon.start()
     try:
         comm = Comm(init_group(spec, on_lost))
@@ -349,5 +349,5 @@ def run_worker(spec: ClusterSpec, rank: int, model: str, resolve: Callable[[str]
     except (SquishError, Diverged):
         raise  # a refusal every rank reports alike, or a bug (keep its traceback)
     except Exception as exc:  # noqa: BLE001 - a collective failed or returned nothing: a rank is gone
-        raise SystemFailure(f"{spec.name(rank)} lost the other ranks ({type(exc).__name__}: {exc})") from exc
+        raise SystemFailure(f"lost the other ranks ({type(exc).__name__}: {exc})") from exc
     beacon.quiet()
