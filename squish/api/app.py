@@ -79,11 +79,12 @@ def create_app(settings: ServeSettings, engine, metrics: Metrics | None = None) 
 
     @app.get("/health")
     async def health():
+        extra = engine.health() if hasattr(engine, "health") else {}  # a multi-machine server's ranks
         if engine.ready.is_set():
-            return {"status": "ok", "model": engine.model_info.name, "inflight": engine.inflight}
+            return {"status": "ok", "model": engine.model_info.name, "inflight": engine.inflight, **extra}
         if engine.failed.is_set():
-            return JSONResponse({"status": "error", "error": engine.load_error}, status_code=503)
-        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "2"})
+            return JSONResponse({"status": "error", "error": engine.load_error, **extra}, status_code=503)
+        return JSONResponse({"status": "loading", **extra}, status_code=503, headers={"Retry-After": "2"})
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():

@@ -91,6 +91,10 @@ class Metrics:
                               "(mx.get_peak_memory)", registry=r)
         self.mlx_cache = Gauge("squish_mlx_cache_memory_bytes", "MLX buffer cache (mx.get_cache_memory)",
                                registry=r)
+        self.rank_mem = Gauge("squish_rank_mlx_memory_bytes", "MLX memory of each rank of a server "
+                              "that spans several machines (kind: active, peak, cache; rank 0 is this "
+                              "process, the others report over the health channel)", ["rank", "kind"],
+                              registry=r)
         from squish.tools.loop import ToolStats
 
         self.tool_stats = ToolStats()  # the attempt loop counts into it (squish.serving.attempts)
@@ -120,6 +124,10 @@ class Metrics:
         self.mlx_active.set(active)
         self.mlx_peak.set(peak)
         self.mlx_cache.set(cache)
+
+    def rank_memory(self, rank: int, active: int, peak: int, cache: int) -> None:
+        for kind, value in (("active", active), ("peak", peak), ("cache", cache)):
+            self.rank_mem.labels(str(rank), kind).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,8 +13,10 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 from squish.cli.runner import exit_after_engine, make_engine, resolve_or_build
+from squish.errors import InputError
 
 EXAMPLES = """examples:
   squish serve                              the best local model that fits, else the best catalog
@@ -25,6 +27,8 @@ EXAMPLES = """examples:
   squish serve smollm2:135m --port 8080
   squish serve ./my-artifact --api-key s3cret --host 0.0.0.0
   squish serve --dry-run                    resolve the model and build the app, but do not load or bind
+  squish serve ./qwen3-8b-4bit --hosts 10.0.0.1,10.0.0.2 --api-key s3cret --host 0.0.0.0
+                                            one model split over two Macs (docs/distributed.md)
 then point any OpenAI client at http://127.0.0.1:8000/v1
 """
 
@@ -73,6 +77,18 @@ def register(subparsers) -> None:
                    help="resolve the model and build the server, but do not load it or bind")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="only warnings and errors: no progress bars, no banner")
+    g = p.add_argument_group("one model over several machines (docs/distributed.md)")
+    g.add_argument("--hosts", metavar="IP1,IP2,...",
+                   help="split the model over these hosts, started through MLX's launcher (mlx.launch): one "
+                        "rank per entry, a host listed twice runs two; the first is this machine and serves the API")
+    g.add_argument("--hostfile", type=Path, help="the hosts as an mlx.launch JSON hostfile (ssh names, IPs, RDMA "
+                   "devices, backend), instead of --hosts")
+    g.add_argument("--backend", choices=("ring", "jaccl"),
+                   help="MLX's distributed backend: ring (TCP over Ethernet or a Thunderbolt bridge; the default) "
+                        "or jaccl (RDMA over Thunderbolt 5; needs --hostfile)")
+    g.add_argument("--dist-port", type=int, metavar="PORT",
+                   help="first of the ranks' ports: one per rank for MLX, one more for Squish's health channel "
+                        "(default: from 32323, the first free block when the ranks are local)")
     p.set_defaults(handler=run)
 
 
@@ -118,6 +134,11 @@ def _port_free(host: str, port: int) -> str | None:
 
 def run(args) -> int:
     t0 = time.perf_counter()
+    if os.environ.get("SQUISH_CLUSTER"):  # a rank that `squish serve --hosts` started through mlx.launch
+        from squish.cli.cluster import run_rank
+        from squish.runtime.ranks import ClusterSpec
+
+        return run_rank(args, ClusterSpec.from_env())
     logging.getLogger().setLevel(logging.WARNING if args.quiet else logging.INFO)
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -128,6 +149,14 @@ def run(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.hosts or args.hostfile:
+        from squish.cli.cluster import launch
+
+        if args.hosts and args.hostfile:
+            raise InputError("--hosts and --hostfile name the hosts twice; give one of them")
+        return launch(args, settings)
+    if args.backend or args.dist_port:
+        raise InputError("--backend and --dist-port apply to --hosts / --hostfile only")
     path = resolve_or_build(args, args.dry_run)  # InputError -> exit 1 via squish.cli.main
 
     from squish.api.app import create_app
@@ -164,7 +193,9 @@ def run(args) -> int:
     return _serve(app, engine, settings, url, args.quiet)
 
 
-def _serve(app, engine, settings, url: str, quiet: bool) -> int:
+def _serve(app, engine, settings, url: str, quiet: bool, on_server=None) -> int:
+    """Run uvicorn until a signal or a failed load. ``on_server(server, outcome)`` may
+    adjust the server before it runs (a multi-machine rank 0: squish.cli.cluster)."""
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
@@ -189,6 +220,8 @@ def _serve(app, engine, settings, url: str, quiet: bool) -> int:
         elif engine.ready.is_set() and not quiet:
             print(_banner(url, engine.model_info.name, settings.api_key), flush=True)
 
+    if on_server is not None:
+        on_server(server, outcome)
     engine.start()  # load while uvicorn binds; /health says "loading" meanwhile
     threading.Thread(target=announce, name="squish-announce", daemon=True).start()
     if not quiet:

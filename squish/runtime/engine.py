@@ -51,7 +51,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from squish.errors import InputError
+from squish.errors import SquishError
 from squish.hardware import release_free_heap
 from squish.runtime.detokenizer import TextStream, detect_loop
 from squish.runtime.sampling import SamplingParams
@@ -101,7 +101,7 @@ class Finish:
 
 @dataclass
 class Error:
-    kind: str  # "timeout" | "queue_timeout" | "numerical" | "internal"
+    kind: str  # "timeout" | "queue_timeout" | "numerical" | "internal" | "unavailable" (a rank failed)
     message: str
 
 
@@ -209,7 +209,7 @@ class Engine:
         try:
             self.model_info = self._load()
             self._setup()
-        except InputError as exc:  # a bad artifact: the message says what is wrong, no traceback
+        except SquishError as exc:  # a bad artifact, a failed rank: the message says what is wrong
             log.error("model failed to load: %s", exc)
             self.load_error, self.load_exit_code = f"model failed to load: {exc}", exc.exit_code
             self.failed.set()
@@ -374,9 +374,13 @@ class Engine:
                 return
             chosen = mx.stack([r.logprobs[r.token] for r in responses]).tolist()
         except Exception as exc:  # noqa: BLE001 - keep serving other requests
-            log.exception("decode step failed; failing %d active requests", len(self._active))
+            kind = getattr(exc, "kind", "internal")  # squish.runtime.distributed: "unavailable"
+            if kind == "internal":
+                log.exception("decode step failed; failing %d active requests", len(self._active))
+            else:  # a known failure (a rank of a multi-machine server): its message says it all
+                log.error("decode step failed: %s; failing %d active requests", exc, len(self._active))
             for st in list(self._active.values()):
-                self._end(st, Error("internal", f"inference failed: {exc}"), remove=True)
+                self._end(st, Error(kind, f"inference failed: {exc}"), remove=True)
             return
         now = time.monotonic()
         for r, lp in zip(responses, chosen):
@@ -442,7 +446,7 @@ class Engine:
             if got is not None:
                 kv, tokens = got
         if kv is not None and tokens is not None and not isinstance(final, Error):
-            self._prefix.store(list(tokens), kv)
+            self._keep_prefix(st.uid, list(tokens), kv)
         if isinstance(final, Finish):
             err = getattr(st.processor, "error", None)
             problem = st.problem or ("grammar" if err is not None else None)
@@ -454,6 +458,11 @@ class Engine:
         else:
             status = final.kind
         self._emit_final(st.req, final, status)
+
+    def _keep_prefix(self, uid: int, tokens: list[int], kv) -> None:
+        """Offer a finished sequence's KV cache to the prefix cache (a hook: the
+        distributed leader also tells the other ranks to keep theirs)."""
+        self._prefix.store(tokens, kv)
 
     def _emit_final(self, req: Request, final, status: str) -> None:
         if isinstance(final, Finish):

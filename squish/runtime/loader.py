@@ -51,8 +51,12 @@ def check_finite(model: Any, path: Path) -> None:
         raise InputError(f"{path}: NaN/Inf in {len(bad)} tensors, e.g. {bad[0]}; the artifact is corrupt")
 
 
-def load_artifact(path: Path, *, verify_hashes: bool = False) -> LoadedModel:
-    """Verify and load an artifact; every problem raises InputError naming the file."""
+def load_artifact(path: Path, *, verify_hashes: bool = False, shard=None) -> LoadedModel:
+    """Verify and load an artifact; every problem raises InputError naming the file.
+
+    ``shard(model)``, when given, cuts the lazily built model to this rank's share
+    (``squish.runtime.sharding.shard_model``) before any weight is read; the NaN/Inf
+    check then covers that share."""
     t0 = time.perf_counter()
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -87,6 +91,8 @@ def load_artifact(path: Path, *, verify_hashes: bool = False) -> LoadedModel:
         model, config = load_model(path, lazy=True)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise InputError(f"{path}: the model cannot be built from its files: {e}") from e
+    if shard is not None:
+        shard(model)
     check_finite(model, path)
     mx.eval(model.parameters())
     from squish.runtime.prompts import chat_facts

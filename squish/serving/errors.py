@@ -23,7 +23,7 @@ class ClientGone(Exception):
 
 
 # Engine error kinds -> HTTP status.
-ENGINE_STATUS = {"timeout": 504, "queue_timeout": 503, "numerical": 500, "internal": 500}
+ENGINE_STATUS = {"timeout": 504, "queue_timeout": 503, "numerical": 500, "internal": 500, "unavailable": 503}
 NO_RETRY = {"x-should-retry": "false"}  # the server already retried (OpenAI SDKs honour it)
 
 

@@ -30,7 +30,7 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, artifact: Path, *extra: str, timeout: float = REQUEST_TIMEOUT_S):
+    def __init__(self, artifact: Path, *extra: str, timeout: float = REQUEST_TIMEOUT_S, ready_s: float = 120):
         self.artifact = artifact
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -40,7 +40,7 @@ class Server:
             [sys.executable, "-m", "squish", "serve", str(artifact), "--port", str(self.port),
              "--request-timeout", str(timeout), *extra],
             env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + ready_s
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.output()
             try:
