@@ -272,5 +272,9 @@ class Beacon:
             why = "rank 0 closed the health channel (the server stopped or died)"
         except OSError as exc:
             why = f"lost the health channel to rank 0: {exc}"
+        except ValueError:  # select() on a socket closed under it: this beacon was stopped
+            if sock.fileno() != -1:
+                raise
+            return
         if not self._quiet.is_set():
             self._on_lost(why)
