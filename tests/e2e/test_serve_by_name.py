@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import make_hf_folder  # noqa: E402
 
-from test_serve_openai import KEY, _free_port  # noqa: E402
+from serving import KEY, _free_port  # noqa: E402
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 
