@@ -106,6 +106,9 @@ def content_text(content: list[dict]) -> str:
 
 
 # ---- input items -----------------------------------------------------------------------------------
+ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
+
+
 class MessageItem(BaseModel):
     model_config = STRICT
     type: Literal["message"] = "message"
@@ -192,6 +195,14 @@ class ReasoningItem(BaseModel):
 
 
 class OtherItem(BaseModel):
+    """Any other item type: refused with a 400. Documented as an object whose ``type`` is none
+    of the known ones (an item without ``type`` is a message, and must be a valid one)."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        return {"type": "object", "required": ["type"], "title": "OtherItem",
+                "properties": {"type": {"type": "string", "not": {"enum": list(ITEM_TYPES)}}}}
+
     @model_validator(mode="before")
     @classmethod
     def _refuse(cls, v):
@@ -206,7 +217,7 @@ class OtherItem(BaseModel):
 Item = Annotated[Union[Annotated[MessageItem, Tag("message")], Annotated[FunctionCallItem, Tag("function_call")],
                        Annotated[FunctionCallOutputItem, Tag("function_call_output")],
                        Annotated[ReasoningItem, Tag("reasoning")], Annotated[OtherItem, Tag("other")]],
-                 Discriminator(tag(("message", "function_call", "function_call_output", "reasoning"), "message"))]
+                 Discriminator(tag(ITEM_TYPES, "message"))]
 
 
 def _reasoning_text(item: dict, param: str) -> str:
