@@ -165,6 +165,11 @@ class LeaderEngine(Engine):
                  time.perf_counter() - t0)
         return info
 
+    def _prepare_preamble(self, info) -> None:
+        """None across ranks: every rank's prefix cache must hold the same entries (the
+        followers replay rank 0's reuse), and a preamble cached on disk by a one-process
+        server holds every head, not this rank's share."""
+
     def _setup(self) -> None:
         super()._setup()
         self.comm.stream = self._gen.stream

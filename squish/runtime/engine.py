@@ -260,12 +260,16 @@ class Engine:
             self._prefix_bytes = auto_max_bytes(weights, total_memory_bytes())
         log.info("prefix cache bound: %.0f MiB", self._prefix_bytes / 2**20)
         self._prefix = PrefixCache(self._prefix_bytes)
-        from squish.runtime.preamble import prepare
-
-        prepare(info, self._prefix)  # the chat template's preamble, so the first request is no slower
+        self._prepare_preamble(info)
         self._waiting: deque[Request] = deque()
         self._active: dict[int, _Active] = {}
         self._by_rid: dict[str, int] = {}
+
+    def _prepare_preamble(self, info) -> None:
+        """The chat template's preamble into the prefix cache, so the first request is no slower."""
+        from squish.runtime.preamble import prepare
+
+        prepare(info, self._prefix)
 
     def _release_memory(self) -> None:
         """The batch just drained: drop MLX's buffer cache and hand freed heap back to
