@@ -289,25 +289,40 @@ def test_model_agent_loop_call_then_result_then_answer(smol):
     model, tok = smol
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
 
-    def make_generate(task, max_tokens):
-        c = constraints.tool_calls(tok, FAM, task.tools, task.choice, task.parallel)
+    from squish.serving.attempts import run_attempts
+    from squish.serving.events import Restart, collect
 
-        async def generate(msgs):
-            ids = render.encode_chat(tok, msgs, task.tools, task.choice, FAM)
-            return reference.generate(model, tok, ids, max_tokens=max_tokens, constraint=c)
-        return generate
+    def served(task, max_tokens, msgs):
+        """What the server returns: the serving core's attempt loop around the real model."""
+        c = constraints.tool_calls(tok, FAM, task.tools, task.choice, task.parallel)
+        restarts = []
+
+        async def generate(convo):
+            ids = render.encode_chat(tok, convo, task.tools, task.choice, FAM)
+            for ev in reference.engine_events(reference.generate(model, tok, ids, max_tokens=max_tokens,
+                                                                 constraint=c)):
+                yield ev
+
+        async def events():
+            async for ev in run_attempts(generate, msgs, task, stats=loop.ToolStats()):
+                if isinstance(ev, Restart):
+                    restarts.append(ev)
+                yield ev
+
+        return asyncio.run(collect(events())), restarts
 
     t1 = loop.Task(FAM, TOOLS, spec.ToolChoice("function", "get_weather"), parallel=False)
     # 48: the call is ~30 tokens; the constraint starts closing ~10 tokens before max_tokens
-    out = asyncio.run(loop.complete(make_generate(t1, 48), messages, t1, stats=loop.ToolStats()))
-    assert out.attempts == 1 and json.loads(out.tool_calls[0]["function"]["arguments"])["city"] == "Paris"
+    out, restarts = served(t1, 48, messages)
+    assert restarts == [] and out.finish_reason == "tool_calls"
     (call,) = out.tool_calls
-    assert out.finish_reason == "tool_calls" and call["function"]["name"] == "get_weather"
-    assert "city" in json.loads(call["function"]["arguments"])
-    messages += [{"role": "assistant", "content": None, "tool_calls": out.tool_calls},
-                 {"role": "tool", "tool_call_id": call["id"], "content": "Sunny, 24 degrees celsius"}]
+    assert call.name == "get_weather" and json.loads(call.arguments)["city"] == "Paris"
+    messages += [{"role": "assistant", "content": None,
+                  "tool_calls": [{"id": call.id, "type": "function",
+                                  "function": {"name": call.name, "arguments": call.arguments}}]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 24 degrees celsius"}]
     t2 = loop.Task(FAM, TOOLS, spec.ToolChoice("none"))
-    final = asyncio.run(loop.complete(make_generate(t2, 12), messages, t2, stats=loop.ToolStats()))
+    final, _ = served(t2, 12, messages)
     assert final.tool_calls == [] and final.content.strip()
     assert "<tool_call>" not in final.content
 
