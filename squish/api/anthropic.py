@@ -35,11 +35,11 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from squish.api.anthropic_schemas import CountTokensRequest, MessagesRequest
-from squish.api.common import core, reply_headers, request_id, sse, stream_reply, whole_reply
+from squish.api.common import JSONRoute, core, reply_headers, request_id, sse, stream_reply, whole_reply
 from squish.api.errors import anthropic_body
 from squish.serving.events import Done, ReasoningDelta, Reply, Restart, TextDelta, ToolCall, Usage
 
-router = APIRouter()
+router = APIRouter(route_class=JSONRoute)
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 

@@ -19,6 +19,7 @@ import logging
 from typing import Iterable, Protocol
 
 from fastapi import Request
+from fastapi.routing import APIRoute
 from starlette.responses import StreamingResponse
 
 from squish.serving.core import Core, Plan
@@ -37,16 +38,6 @@ class UnsupportedParameter(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
-
-
-def integral(value):
-    """For a strict model's ``mode="before"`` validator of integer fields: JSON Schema's
-    "integer" (what the served OpenAPI document says) includes a number with a zero
-    fraction part, so ``8.0`` becomes 8; a string ("8"), a bool or 8.5 is left for the
-    strict check to refuse. Lists (token ids) are converted item by item."""
-    if isinstance(value, list):
-        return [integral(v) for v in value]
-    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def core(request: Request) -> Core:
@@ -140,3 +131,33 @@ def reply_headers(reply: Reply) -> dict[str, str]:
     if reply.done is not None and reply.done.reasoning_closed:
         h["X-Squish-Reasoning-Closed"] = "budget"
     return h
+
+
+# ---- request bodies ------------------------------------------------------------------------------
+def _number(text: str) -> float | int:
+    """A JSON number with a fraction or exponent: an int when it is integral (``16.0``), since
+    JSON, and JSON Schema's ``integer``, do not tell ``16.0`` from ``16``. Float fields take
+    the int unchanged; ``16.5`` stays a float, which an integer field refuses."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+class _JSONNumbers(Request):
+    async def json(self):
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), parse_float=_number)
+        return self._json
+
+
+class JSONRoute(APIRoute):
+    """Every protocol's routes: request bodies parsed with ``_number`` (strict types stay
+    strict otherwise: ``"8"`` is still not a number)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request):
+            return await handler(_JSONNumbers(request.scope, request.receive))
+
+        return route
+

@@ -26,12 +26,11 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from squish.api import ollama_models as om
-from squish.api.common import UnsupportedParameter, core, ndjson, reply_headers, request_id, stream_reply, \
+from squish.api.common import JSONRoute, UnsupportedParameter, core, ndjson, reply_headers, request_id, stream_reply, \
     whole_reply
 from squish.api.errors import validation_error
 from squish.api.ollama_schemas import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, OllamaChatRequest, \
@@ -50,7 +49,7 @@ DONE_REASON = {"stop": "stop", "length": "length", "tool_calls": "stop"}  # Olla
 SAMPLING_DEFAULTS = {"temperature": DEFAULT_TEMPERATURE, "top_k": DEFAULT_TOP_K, "top_p": DEFAULT_TOP_P}
 
 
-class AnyJSONRoute(APIRoute):
+class AnyJSONRoute(JSONRoute):
     """Reads a POST body as JSON whatever its Content-Type, as Ollama does (the ``curl -d``
     examples of its docs send ``application/x-www-form-urlencoded``), and answers every
     invalid body with 400, as Ollama does (a wrong type or range included). Notes the time the

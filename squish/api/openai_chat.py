@@ -12,13 +12,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from squish.api.common import core, reply_headers, request_id, stream_reply, whole_reply
+from squish.api.common import JSONRoute, core, reply_headers, request_id, stream_reply, whole_reply
 from squish.api.openai_schemas import ChatRequest, CompletionRequest
 from squish.api.openai_shapes import ChatShapes, CompletionShapes
 from squish.serving.errors import bad_request
 from squish.tools.errors import ToolRequestError
 
-router = APIRouter()
+router = APIRouter(route_class=JSONRoute)
 
 
 @router.get("/v1/models")

@@ -18,14 +18,14 @@ from typing import Literal
 from fastapi import APIRouter, Query, Request
 from starlette.responses import JSONResponse, Response
 
-from squish.api.common import core, reply_headers, request_id, stream_reply, whole_reply
+from squish.api.common import JSONRoute, core, reply_headers, request_id, stream_reply, whole_reply
 from squish.api.openai_responses_schemas import ResponseRequest
 from squish.api.openai_responses_shapes import ResponseShapes
 from squish.api.response_store import ResponseStore
 from squish.serving.errors import ServeError, bad_request
 from squish.tools.errors import ToolRequestError
 
-router = APIRouter()
+router = APIRouter(route_class=JSONRoute)
 
 
 def _store(request: Request) -> ResponseStore:

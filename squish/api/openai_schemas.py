@@ -7,7 +7,7 @@ Squish does not implement are accepted only at the value that means "off"
 fields that cannot change the output (``user``, ``metadata``, ``store``,
 ``safety_identifier``, ``prompt_cache_key``, ``service_tier`` auto/default)
 are accepted and have no effect (docs/api.md). Types are strict (``"8"`` is
-not a number; ``8.0`` is an integer, as in JSON Schema: ``common.integral``).
+not a number; ``8.0`` is an integer, as in JSON Schema: ``common.JSONRoute``).
 Type/range problems are 422. ``squish.api.errors`` maps pydantic's errors
 onto those codes. ``to_job`` gives the core's request.
 """
@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from squish.api.common import UnsupportedParameter, integral
+from squish.api.common import UnsupportedParameter
 from squish.runtime.sampling import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, SamplingParams
 from squish.serving.request import Job, Message, Reasoning, ToolCallPart, check_text
 from squish.tools import spec
@@ -170,11 +170,6 @@ class _Common(BaseModel):
     prompt_cache_key: str | None = Field(default=None, max_length=256)
     service_tier: Literal["auto", "default"] | None = None
 
-    @field_validator("max_tokens", "top_k", "seed", "n", mode="before")
-    @classmethod
-    def _integers(cls, v):
-        return integral(v)
-
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
@@ -273,11 +268,6 @@ class ChatRequest(_Common):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
-    @field_validator("max_completion_tokens", "top_logprobs", mode="before")
-    @classmethod
-    def _chat_integers(cls, v):
-        return integral(v)
-
     @model_validator(mode="after")
     def _chat_unsupported(self):
         structured = bool(self.tools) and self.tool_choice != "none"
@@ -346,11 +336,6 @@ class CompletionRequest(_Common):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
-
-    @field_validator("prompt", "logprobs", "best_of", mode="before")
-    @classmethod
-    def _completion_integers(cls, v):
-        return integral(v)
 
     @model_validator(mode="after")
     def _completion_unsupported(self):

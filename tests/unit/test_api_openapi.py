@@ -96,12 +96,31 @@ def test_logit_bias_keys_that_are_not_ascii_token_ids_are_422_not_500(key):
     assert r.json()["error"]["param"] == "logit_bias"
 
 
-@pytest.mark.parametrize("value,ok", [(8, True), (8.0, True), ("8", False), (8.5, False), (True, False)])
-def test_integers_are_json_schema_integers(value, ok):
-    """JSON Schema's integer (what the document says) includes 8.0; strings and bools never."""
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-    assert _accepts(ChatRequest, **body, max_tokens=value) is ok
-    assert _accepts(CompletionRequest, model="m", prompt=[1, value] if value is not True else [True]) is ok
+ROUTES = {  # route -> a body with the integer under test in place of None
+    "/v1/chat/completions": lambda v: {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": v},
+    "/v1/completions": lambda v: {"model": "m", "prompt": [1, v]},
+    "/v1/responses": lambda v: {"model": "m", "input": "hi", "max_output_tokens": v},
+    "/v1/messages": lambda v: {"model": "m", "max_tokens": v, "messages": [{"role": "user", "content": "hi"}]},
+    "/api/chat": lambda v: {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                            "options": {"num_predict": v}},
+}
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+@pytest.mark.parametrize("value,ok", [("8", True), ("8.0", True), ("8e0", True), ('"8"', False), ("8.5", False),
+                                      ("true", False)])
+def test_integers_are_json_schema_integers(route, value, ok):
+    """JSON Schema's integer (what the document says) includes 8.0, on every protocol's
+    route; strings, bools and fractions never. With no model loaded a valid body gets as far
+    as the engine (503), an invalid one stops at validation (422; 400 on Anthropic/Ollama)."""
+    import json
+
+    client = TestClient(create_app(ServeSettings(), Engine(lambda: None)))
+    body = json.dumps(ROUTES[route]("@")).replace('"@"', value)  # the number as the client wrote it
+    r = client.post(route, content=body, headers={"Content-Type": "application/json"})
+    assert (r.status_code == 503) is ok, (r.status_code, r.text)
+    if not ok:
+        assert r.status_code in (400, 422)
 
 
 def test_documented_responses_input_is_what_the_validator_takes():
