@@ -17,6 +17,7 @@ Layout written (what ``mlx_lm.load`` reads unchanged, plus ``squish.json``):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -25,6 +26,8 @@ from typing import Any
 
 from squish.artifact import FORMAT_NAME, FORMAT_VERSION, MANIFEST, sha256_file
 from squish.errors import InputError
+
+log = logging.getLogger("squish.quant")
 
 SHARD_BYTES = 512 << 20  # the writer buffers one shard: this bounds its share of peak RSS
 TOKENIZER_FILES = (
@@ -45,6 +48,28 @@ def shard_name(i: int, n: int) -> str:
     return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
+def _sweep_stale(target: Path) -> None:
+    """Remove staging folders of ``target`` left by builds whose process is gone (kill -9,
+    a power cut): nothing else can remove them, and each holds part of an artifact."""
+    if not target.parent.is_dir():
+        return
+    for d in target.parent.glob(f".{target.name}.tmp-*-*"):
+        pid = d.name[len(f".{target.name}.tmp-"):].split("-", 1)[0]
+        if d.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            log.info("removed %s, left by a build that did not finish (process %s is gone)", d.name, pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class ArtifactWriter:
     """Streams tensors into safetensors shards inside a temp dir, then commits.
 
@@ -62,7 +87,10 @@ class ArtifactWriter:
             )
         self.overwrite = overwrite
         self.shard_bytes = shard_bytes
-        self.staging_dir = self.target.parent / f".{self.target.name}.tmp-{secrets.token_hex(4)}"
+        _sweep_stale(self.target)
+        # The builder's pid in the name: a later build can tell a killed build's folder
+        # (its process is gone) from a build still running beside it.
+        self.staging_dir = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         self.staging_dir.mkdir(parents=True)
         self._buffer: dict[str, Any] = {}
         self._buffer_bytes = 0
