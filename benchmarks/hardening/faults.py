@@ -147,7 +147,8 @@ def disk_full(work: Path, gguf: Path, log=print) -> dict:
         r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], env=_env(home),
                            cwd=ROOT, capture_output=True, text=True, timeout=3600)
         text = r.stdout + r.stderr
-        listing = text.split("== left in the folder:")[-1].strip().splitlines()
+        # the listing is on stdout (the build's messages are on stderr, after it in ``text``)
+        listing = r.stdout.split("== left in the folder:")[-1].strip().splitlines()
         left = [ln for ln in listing[1:] if not ln.rstrip().endswith((" .", " .."))]  # drop "total" and . ..
     else:
         import resource
