@@ -149,11 +149,9 @@ async def run_attempts(generate: Generate, messages: list, task: loop.Task | Non
             return
         cause, last = err
         causes.append(cause)
-        if cause == "length" and gen.closed_early in (None, "length"):
-            # The constraint could not close the reply within max_tokens (even once it began
-            # closing for the budget): the same budget would end the same way, so end here
-            # with what is valid, as "length". A repetition close is retried: another
-            # attempt need not loop.
+        if cause == "length" and not gen.closed_early:
+            # The constraint could not close the reply within max_tokens: the same budget
+            # would end the same way, so end here with what is valid, as "length".
             stats.add("length")
             for ev in _partial_events(task, gen):
                 yield ev

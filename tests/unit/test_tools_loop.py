@@ -137,15 +137,6 @@ def test_length_mid_call_ends_as_length_without_a_retry():
     assert stats.snapshot()[("length", "")] == 1 and ("failed", "length") not in stats.snapshot()
 
 
-def test_length_after_the_budget_close_began_ends_as_length_too():
-    """The constraint began closing the value for the budget and still ran out: the same budget
-    ends the same way again (found through the protocols benchmark on a model whose context
-    left ~100 tokens: three attempts and a 500)."""
-    cut = Generation('<tool_call>\n{"name": "add", "argu', "length", closed_early="length")
-    out, seen, _ = run(task(), cut)
-    assert (out.finish_reason, out.tool_calls, len(seen)) == ("length", [], 1)
-
-
 def test_json_schema_output():
     fmt = spec.parse_response_format({"type": "json_schema", "json_schema": {"name": "r", "schema": {
         "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}})
