@@ -35,7 +35,7 @@ from squish.api.common import JSONRoute, UnsupportedParameter, core, ndjson, rep
 from squish.api.errors import validation_error
 from squish.api.ollama_schemas import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, OllamaChatRequest, \
     OllamaGenerateRequest, OllamaShowRequest
-from squish.runtime.engine import TokenLogprob
+from squish.runtime.sampling import TokenLogprob
 from squish.serving.errors import ServeError, bad_request
 from squish.serving.events import Done, ReasoningDelta, Reply, TextDelta, ToolCall
 from squish.tools.errors import ToolRequestError

@@ -17,7 +17,7 @@ import time
 
 from squish.api.common import SSE_DONE, sse
 from squish.api.errors import openai_body
-from squish.runtime.engine import TokenLogprob
+from squish.runtime.sampling import TokenLogprob
 from squish.serving.events import Done, ReasoningDelta, Reply, TextDelta, ToolCall, Usage
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI uses this floor as well

@@ -99,6 +99,27 @@ class LeaderGen:
     def journal(self, op: list) -> None:
         self._ops.append(op)
 
+    def stats(self):
+        return self._gen.stats()
+
+    @property
+    def prefill_batch_size(self) -> int:
+        return self._gen.prefill_batch_size
+
+    @prefill_batch_size.setter
+    def prefill_batch_size(self, n: int) -> None:  # squish.runtime.pacing: the ranks follow suit
+        self._ops.append(["p", "prefill_batch_size", n])
+        self._gen.prefill_batch_size = n
+
+    @property
+    def prefill_step_size(self) -> int:
+        return self._gen.prefill_step_size
+
+    @prefill_step_size.setter
+    def prefill_step_size(self, n: int) -> None:
+        self._ops.append(["p", "prefill_step_size", n])
+        self._gen.prefill_step_size = n
+
     def next(self):
         try:
             self._send("n")
@@ -310,6 +331,8 @@ class Follower:
             self.prefix.store(list(tokens), kv)
         elif kind == "n":
             self._step()
+        elif kind == "p" and op[1] in ("prefill_batch_size", "prefill_step_size"):
+            setattr(self.gen, op[1], op[2])
         else:
             raise Diverged(f"unknown journal entry {kind!r}")
 

@@ -11,11 +11,15 @@ Shared structures and how each is synchronised
     Commands ``("submit", Request)``, ``("cancel", rid)``, ``("stop", None)``.
     Written by any thread, read only by the engine thread. The queue is the
     only way work reaches the engine.
-``Engine._inflight`` (int) under ``Engine._lock``
+``Engine._inflight`` (int) and ``Engine._queued`` (rid -> Request) under ``Engine._lock``
     Requests submitted and not yet finished; ``submit`` refuses with
     ``QueueFull`` once it reaches ``max_batch + max_queue`` (bounded memory).
-    Incremented by ``submit`` (handler threads), decremented by the engine
-    thread when it emits a request's final event.
+    Incremented by ``submit`` (handler threads), decremented when a request's
+    final event is emitted. ``_queued`` holds the submitted requests not yet
+    admitted to the batch: whoever pops a request from it owns its ending, the
+    engine thread when it admits (or expires) it, ``cancel`` (any thread) when
+    the client left first, so a queued request ends at once instead of after
+    the step the engine is in (``squish.runtime.pacing`` on why steps can be long).
 ``Request.events`` (``asyncio.Queue``)
     Belongs to the event loop that submitted the request. The engine thread
     only ever adds to it through ``loop.call_soon_threadsafe``; the handler
@@ -54,7 +58,8 @@ from typing import Any, Callable
 from squish.errors import SquishError
 from squish.hardware import release_free_heap
 from squish.runtime.detokenizer import TextStream, detect_loop
-from squish.runtime.sampling import SamplingParams
+from squish.runtime.pacing import PrefillPacer
+from squish.runtime.sampling import SamplingParams, TokenLogprob, token_logprobs
 
 log = logging.getLogger("squish.engine")
 
@@ -67,13 +72,6 @@ class QueueFull(Exception):
 
 class NotReady(Exception):
     """The model is still loading or failed to load (HTTP 503)."""
-
-
-@dataclass
-class TokenLogprob:
-    token: str
-    logprob: float
-    top: list[tuple[str, float]]
 
 
 @dataclass
@@ -165,10 +163,12 @@ class Engine:
         self.queue_timeout = queue_timeout
         self._prefix_bytes = prefix_cache_bytes
         self._prefill_step = prefill_step
+        self._pacer = PrefillPacer(max_batch, prefill_step)
         self.obs = observer or NullObserver()
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._inflight = 0
+        self._queued: dict[str, Request] = {}
         self.ready = threading.Event()
         self.failed = threading.Event()
         self.load_error: str | None = None
@@ -199,10 +199,22 @@ class Engine:
                     f"(limit {self.max_batch + self.max_queue}); retry shortly"
                 )
             self._inflight += 1
+            self._queued[req.rid] = req
         self._inbox.put(("submit", req))
 
     def cancel(self, rid: str) -> None:
-        self._inbox.put(("cancel", rid))
+        """A queued request ends here and now; an admitted one after the engine's current step."""
+        with self._lock:
+            req = self._queued.pop(rid, None)
+        if req is None:
+            self._inbox.put(("cancel", rid))
+        else:
+            self._emit_final(req, Finish("cancelled", len(req.prompt), 0, 0), "cancelled")
+
+    def _claim(self, req: Request) -> bool:
+        """Take over a queued request's ending; False if ``cancel`` ended it already."""
+        with self._lock:
+            return self._queued.pop(req.rid, None) is not None
 
     # ---- engine thread ---------------------------------------------------
     def _main(self) -> None:
@@ -239,7 +251,7 @@ class Engine:
     def _setup(self) -> None:
         from mlx_lm.generate import BatchGenerator
 
-        from squish.runtime.prompt_cache import PrefixCache
+        from squish.runtime.prompt_cache import PrefixCache, auto_bound
 
         info = self.model_info
         self._eos = set(info.tokenizer.eos_token_ids)
@@ -250,14 +262,8 @@ class Engine:
             prefill_batch_size=self.max_batch,
             prefill_step_size=self._prefill_step,
         )
-        if self._prefix_bytes is None:  # auto: scaled to the model (prompt_cache.auto_max_bytes)
-            from mlx.utils import tree_flatten
-
-            from squish.hardware import total_memory_bytes
-            from squish.runtime.prompt_cache import auto_max_bytes
-
-            weights = sum(v.nbytes for _, v in tree_flatten(info.model.parameters()))
-            self._prefix_bytes = auto_max_bytes(weights, total_memory_bytes())
+        if self._prefix_bytes is None:  # auto: scaled to the model
+            self._prefix_bytes = auto_bound(info.model)
         log.info("prefix cache bound: %.0f MiB", self._prefix_bytes / 2**20)
         self._prefix = PrefixCache(self._prefix_bytes)
         self._prepare_preamble(info)
@@ -318,28 +324,23 @@ class Engine:
         if kind == "submit":
             self._waiting.append(arg)
         elif kind == "cancel":
-            uid = self._by_rid.get(arg)
+            uid = self._by_rid.get(arg)  # None: it has ended already
             if uid is not None:
                 self._end(self._active[uid], Finish("cancelled", 0, 0, 0), remove=True)
-            else:
-                for req in list(self._waiting):
-                    if req.rid == arg:
-                        self._waiting.remove(req)
-                        self._emit_final(req, Finish("cancelled", len(req.prompt), 0, 0), "cancelled")
 
     def _expire(self) -> None:
         now = time.monotonic()
         for req in list(self._waiting):
             if now > req.deadline:
-                self._waiting.remove(req)
-                self._emit_final(req, Error("timeout", f"request timed out after {req.timeout:g}s"), "timeout")
+                final, status = Error("timeout", f"request timed out after {req.timeout:g}s"), "timeout"
             elif now - req.submitted > self.queue_timeout:
-                self._waiting.remove(req)
-                self._emit_final(
-                    req,
-                    Error("queue_timeout", f"waited {self.queue_timeout:g}s in the queue; server overloaded"),
-                    "queue_timeout",
-                )
+                final = Error("queue_timeout", f"waited {self.queue_timeout:g}s in the queue; server overloaded")
+                status = "queue_timeout"
+            else:
+                continue
+            self._waiting.remove(req)
+            if self._claim(req):
+                self._emit_final(req, final, status)
         for st in list(self._active.values()):
             if now > st.req.deadline:
                 log.warning("request %s timed out after %gs", st.req.rid, st.req.timeout)
@@ -350,6 +351,8 @@ class Engine:
 
         while self._waiting and len(self._active) < self.max_batch:
             req = self._waiting.popleft()
+            if not self._claim(req):
+                continue  # cancelled while it waited
             cache, cached = self._prefix.lookup(req.prompt)
             p = req.params
             procs = build_processors(p, len(req.prompt))
@@ -373,7 +376,7 @@ class Engine:
         import mlx.core as mx
 
         try:
-            _, responses = self._gen.next()
+            responses = self._pacer.step(self._gen)
             if not responses:
                 return
             chosen = mx.stack([r.logprobs[r.token] for r in responses]).tolist()
@@ -408,7 +411,7 @@ class Engine:
             st.generated.append(r.token)
             text = st.stream.push(r.token)
             st.unsent += 1
-            delta = Delta(text, self._logprobs(st, r, lp), st.unsent)
+            delta = Delta(text, token_logprobs(self.model_info.tokenizer, r, lp, st.req.params), st.unsent)
             if st.stream.stopped:
                 self._finish(st, "stop", text, remove=not done, cache=(r.prompt_cache, r.all_tokens), delta=delta)
             elif done:
@@ -423,16 +426,6 @@ class Engine:
                 self._finish(st, "length", text, remove=True, delta=delta)
             elif delta.text or delta.logprobs:
                 self._put(st.req, delta)
-
-    def _logprobs(self, st: _Active, r, lp: float) -> list[TokenLogprob]:
-        p = st.req.params
-        if not p.logprobs:
-            return []
-        from squish.runtime.sampling import top_logprobs
-
-        tok = self.model_info.tokenizer
-        top = [(tok.decode([t]), v) for t, v in top_logprobs(r.logprobs, p.top_logprobs)]
-        return [TokenLogprob(tok.decode([r.token]), lp, top)]
 
     def _finish(self, st, reason, text, *, remove, cache=(None, None), delta=None) -> None:
         if delta is None:
@@ -491,5 +484,6 @@ class Engine:
         for st in list(self._active.values()):
             self._end(st, Error("internal", "server shutting down"), remove=True)
         for req in list(self._waiting):
-            self._emit_final(req, Error("internal", "server shutting down"), "internal")
+            if self._claim(req):
+                self._emit_final(req, Error("internal", "server shutting down"), "internal")
         self._waiting.clear()

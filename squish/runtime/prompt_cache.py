@@ -62,6 +62,15 @@ def auto_max_bytes(weight_bytes: int, total_ram: int) -> int:
     return int(max(AUTO_MIN_BYTES, min(weight_bytes, AUTO_RAM_FRACTION * total_ram)))
 
 
+def auto_bound(model) -> int:
+    """``auto_max_bytes`` for a loaded model on this machine."""
+    from mlx.utils import tree_flatten
+
+    from squish.hardware import total_memory_bytes
+
+    return auto_max_bytes(sum(v.nbytes for _, v in tree_flatten(model.parameters())), total_memory_bytes())
+
+
 def _match(run: list[int], tokens: list[int], start: int) -> int:
     """How many leading tokens of ``run`` equal ``tokens[start:]``."""
     n = min(len(run), len(tokens) - start)

@@ -151,3 +151,18 @@ def top_logprobs(logprobs, k: int) -> list[tuple[int, float]]:
     order = mx.argsort(-vals)
     idx, vals = idx[order], vals[order]
     return list(zip(idx.tolist(), vals.tolist()))
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+def token_logprobs(tokenizer, r, lp: float, p: SamplingParams) -> list[TokenLogprob]:
+    """The chosen token's logprob (and its ``top_logprobs`` alternatives) when the request asked."""
+    if not p.logprobs:
+        return []
+    top = [(tokenizer.decode([t]), v) for t, v in top_logprobs(r.logprobs, p.top_logprobs)]
+    return [TokenLogprob(tokenizer.decode([r.token]), lp, top)]

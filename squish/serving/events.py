@@ -34,7 +34,7 @@ class Usage:
 @dataclass
 class TextDelta:
     text: str
-    logprobs: list = field(default_factory=list)  # squish.runtime.engine.TokenLogprob
+    logprobs: list = field(default_factory=list)  # squish.runtime.sampling.TokenLogprob
     # Content a stream already sent in an earlier attempt, repeated for whole replies: the
     # reply returned is that attempt's (a degraded fallback). Streams skip it.
     replay: bool = False
