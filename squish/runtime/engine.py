@@ -376,7 +376,7 @@ class Engine:
         import mlx.core as mx
 
         try:
-            responses = self._pacer.step(self._gen)
+            responses = self._pacer.step(self._gen, alone=len(self._active) == 1 and not self._queued)
             if not responses:
                 return
             chosen = mx.stack([r.logprobs[r.token] for r in responses]).tolist()

@@ -9,7 +9,11 @@ as 4 × 1), so the same step would take minutes and eight short prompts ~8 s
 (benchmarks/hardening/storm.py saw 100 departed clients stay in flight that long).
 
 The pacer measures prompt seconds per token from each step (mlx_lm's own
-counters) and sizes the next step's prefill to about ``target_s``: at least
+counters) and sizes the next step's prefill to about ``TARGET_S`` while other
+requests are in flight or queued, ``ALONE_S`` for a request on its own (each
+forward pass has a fixed cost: with 0.5 s steps a lone 41-token prompt's first
+token came 6.5% later on this CPU, 4 alternating pairs; with 2 s steps two runs of
+10 pairs gave 0.97x and 1.05x, within this machine's noise): at least
 ``MIN_TOKENS`` tokens (a forward pass of one token costs as much as several on
 the CPU backend), at most the configured ``max_batch`` prompts × ``max_step``
 tokens, which a fast backend reaches within a few steps of its first request.
@@ -20,24 +24,25 @@ gets its first token first.
 
 from __future__ import annotations
 
-TARGET_S = 0.25  # prefill seconds per engine step
+TARGET_S = 0.5  # prefill seconds per engine step while others are in flight
+ALONE_S = 2.0  # ... and for a request on its own (only a cancel or a new arrival waits on it)
 MIN_TOKENS = 4
 MIN_CHUNK = 16
 SMOOTHING = 0.5  # weight of the newest measurement
 
 
 class PrefillPacer:
-    def __init__(self, max_batch: int, max_step: int, target_s: float = TARGET_S):
+    def __init__(self, max_batch: int, max_step: int, target_s: float = TARGET_S, alone_s: float = ALONE_S):
         self.max_batch = max_batch
         self.max_step = max_step
-        self.target_s = target_s
+        self.target_s, self.alone_s = target_s, alone_s
         self.seconds_per_token: float | None = None  # None until a step has processed a prompt
         self._applied: tuple[int, int] | None = None
 
-    def step(self, gen) -> list:
+    def step(self, gen, alone: bool = False) -> list:
         """One ``gen.next()`` (an mlx_lm ``BatchGenerator`` or ``LeaderGen``) with the
         prefill sized by ``plan``; its generation responses."""
-        plan = self.plan()
+        plan = self.plan(alone)
         if plan != self._applied:  # set only on change: a LeaderGen journals each setting
             gen.prefill_batch_size, gen.prefill_step_size = plan
             self._applied = plan
@@ -46,14 +51,14 @@ class PrefillPacer:
         self.observe(stats.prompt_tokens, stats.prompt_time)
         return responses
 
-    def plan(self) -> tuple[int, int]:
+    def plan(self, alone: bool = False) -> tuple[int, int]:
         """``(prompts prefilled together, tokens of each per step)`` for the next step."""
         if self.seconds_per_token is None:
             tokens = MIN_TOKENS  # the first step measures; a fast backend is past it in milliseconds
         else:
-            tokens = int(self.target_s / max(self.seconds_per_token, 1e-9))
+            tokens = int((self.alone_s if alone else self.target_s) / max(self.seconds_per_token, 1e-9))
         tokens = max(MIN_TOKENS, min(tokens, self.max_batch * self.max_step))
-        batch = max(1, min(self.max_batch, tokens // MIN_CHUNK))
+        batch = 1 if alone else max(1, min(self.max_batch, tokens // MIN_CHUNK))
         return batch, max(1, min(self.max_step, tokens // batch))
 
     def observe(self, prompt_tokens: int, prompt_seconds: float) -> None:

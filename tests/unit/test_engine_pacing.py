@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import make_tiny_artifact  # noqa: E402
 
 from squish.runtime import engine as eng  # noqa: E402
-from squish.runtime.pacing import MIN_TOKENS, TARGET_S, PrefillPacer  # noqa: E402
+from squish.runtime.pacing import ALONE_S, MIN_TOKENS, TARGET_S, PrefillPacer  # noqa: E402
 from squish.runtime.sampling import SamplingParams  # noqa: E402
 
 
@@ -73,8 +73,10 @@ def test_plan_starts_small_and_follows_the_measured_speed():
     assert p.plan() == (8, 512)  # the whole budget at once
     slow = PrefillPacer(max_batch=8, max_step=512)
     slow.observe(8, 8 * 0.1)  # the CPU backend: 0.1 s per token
-    batch, step = slow.plan()
-    assert batch == 1 and step == MIN_TOKENS  # TARGET_S / 0.1 s is below the floor
+    assert slow.plan() == (1, max(MIN_TOKENS, round(TARGET_S / 0.1)))  # one prompt, a few tokens per step
+    assert slow.plan(alone=True) == (1, round(ALONE_S / 0.1))  # nobody waits: longer steps, less overhead
+    slow.observe(8, 8 * 10.0)  # slower than any budget: still MIN_TOKENS per step
+    assert slow.plan() == (1, MIN_TOKENS)
     mid = PrefillPacer(max_batch=8, max_step=512)
     mid.observe(100, 100 * TARGET_S / 100)  # 100 tokens fit the target
     batch, step = mid.plan()
@@ -112,24 +114,31 @@ def test_a_queued_request_ends_at_once_while_the_engine_is_in_a_step(tiny_artifa
         e.stop()
 
 
-def test_a_long_prefill_on_a_slow_backend_is_cancelled_within_a_second(tiny_artifact):
-    # 200 prompt tokens at 20 ms each: one unpaced step would take 4 s.
-    e = _start(slow_loader(tiny_artifact, per_token_s=0.02), max_batch=4)
+@pytest.mark.parametrize("clients", [2, 1])
+def test_a_long_prefill_on_a_slow_backend_is_cancelled_within_a_step(tiny_artifact, clients):
+    """200 prompt tokens at 50 ms each: one unpaced step would take 10 s. With others in
+    flight a step is ~TARGET_S; a request on its own gets ~ALONE_S steps."""
+    bound = TARGET_S + 0.5 if clients > 1 else ALONE_S + 0.5
+    e = _start(slow_loader(tiny_artifact, per_token_s=0.05), max_batch=4)
     try:
         async def main():
             loop = asyncio.get_running_loop()
-            req = _request(loop, "long", [1] + [10 + i % 300 for i in range(199)], max_tokens=4)
-            e.submit(req)
+            reqs = [_request(loop, f"long{i}", [1] + [10 + (i + j) % 300 for j in range(199)], max_tokens=4)
+                    for i in range(clients)]
+            for r in reqs:
+                e.submit(r)
             await asyncio.sleep(0.6)  # well into the prefill
             t0 = time.monotonic()
-            e.cancel("long")
-            fin = await _final(req)
-            return fin, time.monotonic() - t0
+            for r in reqs:
+                e.cancel(r.rid)
+            fins = [await _final(r) for r in reqs]
+            return fins, time.monotonic() - t0
 
-        fin, waited = asyncio.run(main())
-        assert isinstance(fin, eng.Finish) and fin.reason == "cancelled" and fin.completion_tokens == 0
-        assert waited < 1.0, f"the cancel waited {waited:.2f} s for the prefill"
-        assert e._pacer.seconds_per_token >= 0.02
+        fins, waited = asyncio.run(main())
+        assert all(isinstance(f, eng.Finish) and f.reason == "cancelled" and f.completion_tokens == 0 for f in fins)
+        assert waited < bound, f"the cancel waited {waited:.2f} s for the prefill (bound {bound} s)"
+        assert e._pacer.seconds_per_token >= 0.05
+        assert e.inflight == 0
     finally:
         e.stop()
 
