@@ -31,9 +31,9 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from squish.api.common import UnsupportedParameter
-from squish.runtime.sampling import MAX_STOP_STRINGS, SamplingParams
+from squish.runtime.sampling import SamplingParams
 from squish.serving.errors import bad_request
-from squish.serving.request import Job, Message, Reasoning, ToolCallPart, check_text
+from squish.serving.request import Job, Message, Reasoning, ToolCallPart, check_stops
 from squish.tools import spec
 from squish.tools.errors import ToolRequestError
 
@@ -376,17 +376,7 @@ class MessagesRequest(_Body):
     @field_validator("stop_sequences")
     @classmethod
     def _stop(cls, v):
-        if v is None:
-            return v
-        if len(v) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed")
-        for s in v:
-            if not s:
-                raise ValueError("stop sequences must not be empty")
-            if len(s) > 256:
-                raise ValueError("stop sequences are limited to 256 characters")
-            check_text(s, "stop_sequences")
-        return v
+        return check_stops(v, "stop_sequences")
 
     @model_validator(mode="after")
     def _budget(self):

@@ -24,9 +24,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from squish.api.common import UnsupportedParameter
-from squish.runtime.sampling import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, \
+from squish.runtime.sampling import MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, \
     REPETITION_CONTEXT, SamplingParams
-from squish.serving.request import Job, Message, Reasoning, ToolCallPart, check_text
+from squish.serving.request import Job, Message, Reasoning, ToolCallPart, check_stops
 from squish.tools import spec
 
 STRICT = ConfigDict(extra="forbid", strict=True)
@@ -100,18 +100,7 @@ class OllamaOptions(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
-        if v is None:
-            return v
-        items = [v] if isinstance(v, str) else v
-        if len(items) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed")
-        for s in items:
-            if not s:
-                raise ValueError("stop sequences must not be empty")
-            if len(s) > 256:
-                raise ValueError("stop sequences are limited to 256 characters")
-            check_text(s, "options.stop")
-        return v
+        return check_stops(v, "options.stop")
 
     @model_validator(mode="after")
     def _unsupported(self):

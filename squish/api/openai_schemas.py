@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from squish.api.common import UnsupportedParameter
 from squish.runtime.sampling import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, SamplingParams
-from squish.serving.request import Job, Message, Reasoning, ToolCallPart, check_text
+from squish.serving.request import Job, Message, Reasoning, ToolCallPart, check_stops
 from squish.tools import spec
 
 STRICT = ConfigDict(extra="forbid", strict=True)
@@ -173,18 +173,7 @@ class _Common(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
-        if v is None:
-            return v
-        items = [v] if isinstance(v, str) else v
-        if len(items) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed")
-        for s in items:
-            if not s:
-                raise ValueError("stop sequences must not be empty")
-            if len(s) > 256:
-                raise ValueError("stop sequences are limited to 256 characters")
-            check_text(s, "stop")
-        return v
+        return check_stops(v, "stop")
 
     @field_validator("logit_bias")
     @classmethod

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from squish.runtime.sampling import SamplingParams
+from squish.runtime.sampling import MAX_STOP_STRINGS, SamplingParams
 from squish.tools.spec import OutputFormat, ToolChoice, ToolSpec
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -36,6 +36,23 @@ def check_text(value: str, where: str) -> str:
             f"{where} contains an invalid character U+{ord(m.group()):04X}; "
             "control characters and unpaired surrogates are not accepted"
         )
+    return value
+
+
+def check_stops(value, where: str):
+    """A stop string or list of them (``value``, unchanged), or ValueError: at most
+    ``MAX_STOP_STRINGS``, none empty or over 256 characters, no invalid characters."""
+    if value is None:
+        return value
+    items = [value] if isinstance(value, str) else value
+    if len(items) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed")
+    for s in items:
+        if not s:
+            raise ValueError("stop sequences must not be empty")
+        if len(s) > 256:
+            raise ValueError("stop sequences are limited to 256 characters")
+        check_text(s, where)
     return value
 
 
