@@ -139,24 +139,20 @@ def resolve(request: Request, name: str, param: str = "model") -> str:
 
 @router.post("/api/chat")
 async def chat(request: Request, body: OllamaChatRequest):
-    t0 = request.state.arrived
-    model = resolve(request, body.model)
-    shapes = Shapes(body.model, "chat", t0, body.logprobs)
-    if not body.messages:  # Ollama: an empty chat loads the model (here: it always is)
-        return _load_or_unload(body, shapes)
-    job = _job(body, model)
-    return await _run(request, job, shapes, body.stream)
+    return await _answer(request, body, "chat", empty=not body.messages)
 
 
 @router.post("/api/generate")
 async def generate(request: Request, body: OllamaGenerateRequest):
-    t0 = request.state.arrived
+    return await _answer(request, body, "generate", empty=not body.prompt)
+
+
+async def _answer(request: Request, body, kind: str, *, empty: bool):
     model = resolve(request, body.model)
-    shapes = Shapes(body.model, "generate", t0, body.logprobs)
-    if not body.prompt:  # Ollama: an empty prompt loads the model (here: it always is)
+    shapes = Shapes(body.model, kind, request.state.arrived, body.logprobs)
+    if empty:  # Ollama: an empty chat or prompt loads the model (here: it always is)
         return _load_or_unload(body, shapes)
-    job = _job(body, model)
-    return await _run(request, job, shapes, body.stream)
+    return await _run(request, _job(body, model), shapes, body.stream)
 
 
 def _job(body, model: str):
