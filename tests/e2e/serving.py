@@ -9,12 +9,14 @@ official clients). ``stop()`` sends SIGTERM and returns the exit code.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import openai
@@ -76,6 +78,38 @@ class Server:
 
     def metrics(self) -> str:
         return httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+
+    def metric(self, name: str, text: str | None = None) -> float:
+        """One sample of ``/metrics`` (of ``text`` when given), 0 when absent."""
+        m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", self.metrics() if text is None else text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    def cancelled(self) -> float:
+        return self.metric('squish_completions_total{outcome="cancelled"}')
+
+    def leave_stream(self, path: str, body: dict, until: Callable[[int, str], bool], headers: dict | None = None):
+        """Stream ``body`` to ``path`` and close the connection once ``until(line number, line)``."""
+        headers = headers or {"Authorization": f"Bearer {KEY}"}
+        with httpx.stream("POST", self.url + path, json=body, headers=headers, timeout=30) as r:
+            for i, line in enumerate(r.iter_lines()):
+                if until(i, line):
+                    break
+
+    def wait_cancelled(self, before: float, within_s: float = 10,
+                       what: str = "generation was not cancelled after the client went away") -> None:
+        """The cancelled-completions counter passes ``before`` within ``within_s``; then nothing is in flight."""
+        deadline = time.monotonic() + within_s
+        while self.cancelled() <= before:
+            assert time.monotonic() < deadline, what
+            time.sleep(0.2)
+        self.wait_idle()
+
+    def wait_idle(self, seconds: float = 5) -> None:
+        """In-flight back to 0 (the engine counts a request out just after its final event)."""
+        deadline = time.monotonic() + seconds
+        while httpx.get(self.url + "/health").json()["inflight"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(self.url + "/health").json()["inflight"] == 0
 
     def healthy(self) -> None:
         r = httpx.get(self.url + "/health", timeout=10)

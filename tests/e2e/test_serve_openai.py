@@ -36,19 +36,6 @@ def server(artifact):
     assert "List three fruits" not in out  # prompts never reach the log
 
 
-def _wait_idle(server, seconds: float = 5) -> None:
-    """In-flight back to 0 (the engine counts a request out just after its final event)."""
-    deadline = time.monotonic() + seconds
-    while httpx.get(server.url + "/health").json()["inflight"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert httpx.get(server.url + "/health").json()["inflight"] == 0
-
-
-def _metric(text: str, name: str) -> float:
-    m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
 def test_models(server):
     ids = [m.id for m in server.client().models.list().data]
     assert ids == [server.model]
@@ -121,50 +108,32 @@ def test_eight_concurrent_streams(server):
         assert text.strip() and 1 <= usage.completion_tokens <= 16
     assert results[3][0] == ref.choices[0].message.content
     metrics = server.metrics()
-    assert _metric(metrics, "squish_batch_size") >= 0
+    assert server.metric(text=metrics, name="squish_batch_size") >= 0
     # the model's weights alone are ~98 MB of MLX memory; the peak includes a batch of 8
     weights = sum(f.stat().st_size for f in server.artifact.glob("*.safetensors"))
-    assert _metric(metrics, "squish_mlx_peak_memory_bytes") > _metric(metrics, "squish_mlx_active_memory_bytes") \
+    assert server.metric(text=metrics, name="squish_mlx_peak_memory_bytes") > server.metric(text=metrics, name="squish_mlx_active_memory_bytes") \
         >= 0.9 * weights
     server.healthy()
 
 
 def test_disconnect_cancels(server):
-    before = _metric(server.metrics(), 'squish_completions_total{outcome="cancelled"}')
+    before = server.cancelled()
     body = {"model": server.model, "messages": FRUITS, "max_tokens": 2000, "stream": True,
             "temperature": 1.0, "logit_bias": {"2": -100}}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i > 4:
-                break
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if _metric(server.metrics(), 'squish_completions_total{outcome="cancelled"}') > before:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("generation was not cancelled after the client went away")
-    _wait_idle(server)
+    server.leave_stream("/v1/chat/completions", body, lambda i, _: i > 4)
+    server.wait_cancelled(before)
     server.healthy()
 
 
 def test_whole_reply_is_cancelled_when_its_client_gives_up(server):
     # Issue 15: a non-streamed request used to run on after its client left (48 of 48 tokens).
-    before = _metric(server.metrics(), 'squish_completions_total{outcome="cancelled"}')
+    before = server.cancelled()
     body = {"model": server.model, "messages": FRUITS, "max_tokens": 2000, "temperature": 1.0,
             "logit_bias": {"2": -100}}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/chat/completions", json=body,
                    headers={"Authorization": f"Bearer {KEY}"}, timeout=3)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if _metric(server.metrics(), 'squish_completions_total{outcome="cancelled"}') > before:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("the whole reply ran on after its client left")
-    _wait_idle(server)
+    server.wait_cancelled(before, within_s=5, what="the whole reply ran on after its client left")
     assert 'squish_requests_total{route="/v1/chat/completions",status="499"}' in server.metrics()
     server.healthy()
 
@@ -363,7 +332,7 @@ IMPOSSIBLE = {"type": "function", "function": {"name": "get_weather", "parameter
 
 def test_all_retries_failed_is_a_clear_error(server):
     c = _tools_client(server)
-    before = _metric(server.metrics(), 'squish_tool_failures_total{cause="schema_error"}')
+    before = server.metric('squish_tool_failures_total{cause="schema_error"}')
     with pytest.raises(openai.InternalServerError) as exc:
         c.chat.completions.create(model=server.model, messages=PARIS, tools=[IMPOSSIBLE], tool_choice="required",
                                   parallel_tool_calls=False, max_tokens=60, temperature=0)
@@ -373,8 +342,8 @@ def test_all_retries_failed_is_a_clear_error(server):
                                        tool_choice="required", parallel_tool_calls=False, max_tokens=60,
                                        temperature=0, stream=True))
     metrics = server.metrics()
-    assert _metric(metrics, 'squish_tool_failures_total{cause="schema_error"}') == before + 2
-    assert _metric(metrics, 'squish_tool_retries_total{cause="schema_error"}') >= 4
+    assert server.metric(text=metrics, name='squish_tool_failures_total{cause="schema_error"}') == before + 2
+    assert server.metric(text=metrics, name='squish_tool_retries_total{cause="schema_error"}') >= 4
     server.healthy()
 
 
