@@ -211,7 +211,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from squish.runtime.prompt_cache import PrefixCache
-    from squish.tools import constraints, loop, reference, registry, render, spec, validate
+    from squish.tools import constraints, loop, reference, registry, render, spec
 
     model, tok, model_desc = load(args)
     fam = registry.for_tokenizer(tok)

@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 
 from squish import __version__
-from squish.errors import InputError, SquishError
+from squish.errors import SquishError
 
 EPILOG = """examples:
   squish serve                              serve the best model for this machine on 127.0.0.1:8000

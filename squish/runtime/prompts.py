@@ -31,7 +31,6 @@ import re
 import secrets
 import threading
 from dataclasses import dataclass
-from typing import Any
 
 
 class PromptError(ValueError):

@@ -14,7 +14,7 @@ from tiny import make_hf_folder  # noqa: E402
 
 from squish.quant.pipeline import BuildOptions, build  # noqa: E402
 from squish.cli.main import main  # noqa: E402
-from squish.errors import InputError, SystemFailure  # noqa: E402
+from squish.errors import InputError  # noqa: E402
 from squish.runtime.loader import load_artifact  # noqa: E402
 
 FAST = dict(calib_samples=2, calib_seq_len=32, quiet=True, keep_failed=True)

@@ -8,8 +8,6 @@ coherent greedy answer to "List three fruits.".
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlx.core as mx
 import numpy as np
 import pytest

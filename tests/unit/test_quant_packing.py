@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from squish.quant.gptq import dequantize, rtn
-from squish.quant.packing import pack, round_to_dtype, unpack
+from squish.quant.packing import pack, unpack
 
 
 @pytest.mark.parametrize("bits", [3, 4, 5, 6, 8])

@@ -12,7 +12,7 @@ import pytest
 
 from squish.serving.attempts import run_attempts
 from squish.serving.errors import ServeError
-from squish.serving.events import Restart, TextDelta, ToolCall, collect
+from squish.serving.events import Restart, collect
 from squish.tools import loop, registry, spec
 from squish.tools.reference import Generation, engine_events
 
