@@ -25,6 +25,8 @@ One loop for every reply, streamed or whole. ``run_attempts`` drives
   end the same way. The reply ends with ``finish_reason: "length"``, holding
   whatever valid calls came before the cut, as OpenAI ends a reply that
   ran out of tokens.
+  A reply the constraint began closing for the budget is retried (a retry often
+  fits); if the last attempt still ran out, the reply ends as ``length`` too.
 - Every attempt failed otherwise: ``ServeError`` 500 ``tool_call_failed``
   naming the last error (header ``x-should-retry: false``: the server already
   retried). Never a half-parsed call.
@@ -168,6 +170,12 @@ async def run_attempts(generate: Generate, messages: list, task: loop.Task | Non
         for ev in _outcome_events(task, outcome, replay=sent):
             yield ev
         yield count.done(outcome.finish_reason, degraded=causes[-1])
+        return
+    if causes[-1] == "length":  # even the last try, closed for the budget, ran out: "length", not a 500
+        stats.add("length")
+        for ev in _partial_events(task, gen):
+            yield ev
+        yield count.done("length")
         return
     stats.add("failed", causes[-1])
     what = "JSON output" if task.fmt else "tool call"

@@ -137,6 +137,20 @@ def test_length_mid_call_ends_as_length_without_a_retry():
     assert stats.snapshot()[("length", "")] == 1 and ("failed", "length") not in stats.snapshot()
 
 
+def test_budget_closes_that_never_fit_end_as_length_not_a_500():
+    # The constraint began closing for the budget on every attempt and still ran out mid-call
+    # (the 500-request soak met one: three attempts, then 500 tool_call_failed). Retries can
+    # rescue such a reply, so it is retried; when none does, the budget was the reason: "length".
+    cut = Generation('<tool_call>\n{"name": "add", "argu', "length", closed_early="length")
+    out, seen, stats = run(task(), cut, cut, cut)
+    assert (out.finish_reason, out.tool_calls, len(seen)) == ("length", [], 3)
+    assert ("failed", "length") not in stats.snapshot() and stats.snapshot()[("length", "")] == 1
+    out, seen, _ = run(task(), cut, call("add", {"a": 1, "b": 2}))  # a retry that fits still wins
+    assert out.finish_reason == "tool_calls" and len(seen) == 2
+    exc, _, _ = run(task(), cut, "no call", "no call")  # the last attempt failed for another reason
+    assert isinstance(exc, ServeError) and exc.causes == ["length", loop.validate.NO_CALL, loop.validate.NO_CALL]
+
+
 def test_json_schema_output():
     fmt = spec.parse_response_format({"type": "json_schema", "json_schema": {"name": "r", "schema": {
         "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}})
