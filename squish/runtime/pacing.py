@@ -10,10 +10,12 @@ as 4 × 1), so the same step would take minutes and eight short prompts ~8 s
 
 The pacer measures prompt seconds per token from each step (mlx_lm's own
 counters) and sizes the next step's prefill to about ``TARGET_S`` while other
-requests are in flight or queued, ``ALONE_S`` for a request on its own (each
-forward pass has a fixed cost: with 0.5 s steps a lone 41-token prompt's first
-token came 6.5% later on this CPU, 4 alternating pairs; with 2 s steps two runs of
-10 pairs gave 0.97x and 1.05x, within this machine's noise): at least
+requests are in flight or queued. A request on its own is not paced: every
+forward pass has a fixed cost, which the per-token estimate folds in, so small
+steps cost a lone request its first-token time (0.5 s steps: +6.5% on this CPU;
+across 3 local ranks, where a forward pass costs ~1.5 s of collectives, 2 s steps
+made the first token 23 s instead of mlx_lm's 7 s), while nothing but a cancel
+or a new arrival waits on it. Paced steps take at least
 ``MIN_TOKENS`` tokens (a forward pass of one token costs as much as several on
 the CPU backend), at most the configured ``max_batch`` prompts × ``max_step``
 tokens, which a fast backend reaches within a few steps of its first request.
@@ -25,17 +27,16 @@ gets its first token first.
 from __future__ import annotations
 
 TARGET_S = 0.5  # prefill seconds per engine step while others are in flight
-ALONE_S = 2.0  # ... and for a request on its own (only a cancel or a new arrival waits on it)
 MIN_TOKENS = 4
 MIN_CHUNK = 16
 SMOOTHING = 0.5  # weight of the newest measurement
 
 
 class PrefillPacer:
-    def __init__(self, max_batch: int, max_step: int, target_s: float = TARGET_S, alone_s: float = ALONE_S):
+    def __init__(self, max_batch: int, max_step: int, target_s: float = TARGET_S):
         self.max_batch = max_batch
         self.max_step = max_step
-        self.target_s, self.alone_s = target_s, alone_s
+        self.target_s = target_s
         self.seconds_per_token: float | None = None  # None until a step has processed a prompt
         self._applied: tuple[int, int] | None = None
 
@@ -53,12 +54,14 @@ class PrefillPacer:
 
     def plan(self, alone: bool = False) -> tuple[int, int]:
         """``(prompts prefilled together, tokens of each per step)`` for the next step."""
+        if alone:
+            return 1, self.max_step
         if self.seconds_per_token is None:
             tokens = MIN_TOKENS  # the first step measures; a fast backend is past it in milliseconds
         else:
-            tokens = int((self.alone_s if alone else self.target_s) / max(self.seconds_per_token, 1e-9))
+            tokens = int(self.target_s / max(self.seconds_per_token, 1e-9))
         tokens = max(MIN_TOKENS, min(tokens, self.max_batch * self.max_step))
-        batch = 1 if alone else max(1, min(self.max_batch, tokens // MIN_CHUNK))
+        batch = max(1, min(self.max_batch, tokens // MIN_CHUNK))
         return batch, max(1, min(self.max_step, tokens // batch))
 
     def observe(self, prompt_tokens: int, prompt_seconds: float) -> None:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import make_tiny_artifact  # noqa: E402
 
 from squish.runtime import engine as eng  # noqa: E402
-from squish.runtime.pacing import ALONE_S, MIN_TOKENS, TARGET_S, PrefillPacer  # noqa: E402
+from squish.runtime.pacing import MIN_TOKENS, TARGET_S, PrefillPacer  # noqa: E402
 from squish.runtime.sampling import SamplingParams  # noqa: E402
 
 
@@ -26,8 +26,10 @@ def tiny_artifact(tmp_path_factory) -> Path:
     return make_tiny_artifact(tmp_path_factory.mktemp("tiny") / "tiny-4bit")
 
 
-def slow_loader(path: Path, *, per_token_s: float = 0.0, per_call_s: float = 0.0, busy: threading.Event = None):
-    """The model sleeps ``per_call_s`` + ``per_token_s`` x its input tokens per forward pass."""
+def slow_loader(path: Path, *, per_token_s: float = 0.0, per_call_s: float = 0.0, busy: threading.Event = None,
+                widths: list | None = None):
+    """The model sleeps ``per_call_s`` + ``per_token_s`` x its input tokens per forward pass
+    (and appends each pass's width to ``widths``)."""
     def load():
         from squish.runtime.loader import load_artifact
 
@@ -38,6 +40,8 @@ def slow_loader(path: Path, *, per_token_s: float = 0.0, per_call_s: float = 0.0
             def __call__(self, inputs, cache=None, **kw):
                 if busy is not None:
                     busy.set()
+                if widths is not None:
+                    widths.append(inputs.shape[1])
                 time.sleep(per_call_s + per_token_s * inputs.size)
                 return super().__call__(inputs, cache=cache, **kw)
 
@@ -74,7 +78,7 @@ def test_plan_starts_small_and_follows_the_measured_speed():
     slow = PrefillPacer(max_batch=8, max_step=512)
     slow.observe(8, 8 * 0.1)  # the CPU backend: 0.1 s per token
     assert slow.plan() == (1, max(MIN_TOKENS, round(TARGET_S / 0.1)))  # one prompt, a few tokens per step
-    assert slow.plan(alone=True) == (1, round(ALONE_S / 0.1))  # nobody waits: longer steps, less overhead
+    assert slow.plan(alone=True) == (1, 512)  # nobody waits: no pacing (each step has a fixed cost)
     slow.observe(8, 8 * 10.0)  # slower than any budget: still MIN_TOKENS per step
     assert slow.plan() == (1, MIN_TOKENS)
     mid = PrefillPacer(max_batch=8, max_step=512)
@@ -114,11 +118,10 @@ def test_a_queued_request_ends_at_once_while_the_engine_is_in_a_step(tiny_artifa
         e.stop()
 
 
-@pytest.mark.parametrize("clients", [2, 1])
-def test_a_long_prefill_on_a_slow_backend_is_cancelled_within_a_step(tiny_artifact, clients):
-    """200 prompt tokens at 50 ms each: one unpaced step would take 10 s. With others in
-    flight a step is ~TARGET_S; a request on its own gets ~ALONE_S steps."""
-    bound = TARGET_S + 0.5 if clients > 1 else ALONE_S + 0.5
+def test_a_long_prefill_on_a_slow_backend_is_cancelled_within_a_step(tiny_artifact):
+    """Two prompts of 200 tokens at 50 ms each: one unpaced step would take 20 s. With others
+    in flight a step is ~TARGET_S."""
+    clients, bound = 2, TARGET_S + 0.5
     e = _start(slow_loader(tiny_artifact, per_token_s=0.05), max_batch=4)
     try:
         async def main():
@@ -144,15 +147,19 @@ def test_a_long_prefill_on_a_slow_backend_is_cancelled_within_a_step(tiny_artifa
 
 
 def test_paced_prefill_gives_the_same_greedy_reply(tiny_artifact):
-    """Prefill in small steps (slow backend) and in one step (fast backend): same greedy tokens."""
+    """Prefill in small steps (slow backend, two requests: paced) and in one step (fast backend,
+    one request): same greedy tokens."""
     prompt = [1] + [10 + (7 * i) % 300 for i in range(60)]
     replies = []
     for per_token_s in (0.01, 0.0):
-        e = _start(slow_loader(tiny_artifact, per_token_s=per_token_s), max_batch=2)
+        widths: list[int] = []
+        e = _start(slow_loader(tiny_artifact, per_token_s=per_token_s, widths=widths), max_batch=2)
         try:
             async def main():
                 req = _request(asyncio.get_running_loop(), "g", prompt, max_tokens=12)
                 e.submit(req)
+                if per_token_s:  # a second request, so that the first is not alone (paced)
+                    e.submit(_request(asyncio.get_running_loop(), "h", prompt, max_tokens=12))
                 text = []
                 while True:
                     ev = await asyncio.wait_for(req.events.get(), 60)
@@ -162,7 +169,9 @@ def test_paced_prefill_gives_the_same_greedy_reply(tiny_artifact):
 
             replies.append(asyncio.run(main()))
             if per_token_s:
-                assert e._pacer.plan()[1] < len(prompt), "the slow engine prefilled in one step"
+                assert max(widths) < len(prompt) - 1, f"the slow engine prefilled in one step: {widths}"
+            else:
+                assert max(widths) == len(prompt) - 1  # alone on a fast backend: the prompt in one pass
         finally:
             e.stop()
     (slow_text, slow_fin), (fast_text, fast_fin) = replies
