@@ -216,10 +216,18 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "squish-bench-distributed")
+    ap.add_argument("--only", default="", help="comma-separated MODEL:RANKS subset, e.g. smollm2:3,six:2")
     args = ap.parse_args()
-    six = build_six(args.work / "six-4bit", args.artifact)
-    plan = [("smollm2", args.artifact, 1), ("smollm2", args.artifact, 3),
-            ("six", six, 1), ("six", six, 2), ("six", six, 3)]
+    plan = [("smollm2", 1), ("smollm2", 3), ("six", 1), ("six", 2), ("six", 3)]
+    if args.only:
+        want = {tuple(x.split(":")) for x in args.only.split(",")}
+        plan = [(m, r) for m, r in plan if (m, str(r)) in want]
+        if not plan:
+            ap.error(f"--only {args.only!r} names none of smollm2:1, smollm2:3, six:1, six:2, six:3")
+    paths = {"smollm2": args.artifact}
+    if any(m == "six" for m, _ in plan):
+        paths["six"] = build_six(args.work / "six-4bit", args.artifact)
+    plan = [(m, paths[m], r) for m, r in plan]
     load0 = tuple(round(x, 1) for x in os.getloadavg())
     rows = []
     for name, path, ranks in plan:
