@@ -13,7 +13,8 @@ counters) and sizes the next step's prefill to about ``TARGET_S`` while other
 requests are in flight or queued. A request on its own is not paced: every
 forward pass has a fixed cost, which the per-token estimate folds in, so small
 steps cost a lone request its first-token time (0.5 s steps: +6.5% on this CPU;
-across 3 local ranks, where a forward pass costs ~1.5 s of collectives, 2 s steps
+across 3 local ranks, where a one-token forward pass takes ~1.4 s (decode 0.6-0.75
+tok/s), 2 s steps
 made the first token 23 s instead of mlx_lm's 7 s), while nothing but a cancel
 or a new arrival waits on it. Paced steps take at least
 ``MIN_TOKENS`` tokens (a forward pass of one token costs as much as several on
