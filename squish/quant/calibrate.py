@@ -80,8 +80,12 @@ def calibration_tokens(ref: Reference, tokenizer, *, calib_file: Path | None, n_
     return mx.array(toks.astype(np.int32)), summary
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False)) if hasattr(tokenizer, "encode") else []
+def encode_corpus(tokenizer, text: str) -> list[int]:
+    """Token ids of a long text, without special tokens. Longer than the model's context on
+    purpose (it is cut into windows), so the tokenizer's too-long warning is off (verbose)."""
+    if not hasattr(tokenizer, "encode"):
+        return []
+    return list(tokenizer.encode(text, add_special_tokens=False, verbose=False))
 
 
 def _from_file(path: Path, tokenizer, n, L, rng):
@@ -89,7 +93,7 @@ def _from_file(path: Path, tokenizer, n, L, rng):
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read calibration file {path}: {e}") from e
-    ids = np.array(_encode(tokenizer, text), dtype=np.int64)
+    ids = np.array(encode_corpus(tokenizer, text), dtype=np.int64)
     if len(ids) < L:
         raise InputError(
             f"calibration file {path} has {len(ids)} tokens; at least seq_len={L} are needed"
@@ -108,7 +112,7 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
             ids = ids["input_ids"]
         return list(ids)
     except Exception:  # no chat template: plain text prompt
-        return _encode(tokenizer, prompt + "\n")
+        return encode_corpus(tokenizer, prompt + "\n")
 
 
 def _banned(tokenizer, vocab: int) -> list[int]:

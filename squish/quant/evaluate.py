@@ -29,6 +29,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from squish.quant.calibrate import encode_corpus
 from squish.quant.reference import Reference
 
 HELDOUT = Path(__file__).parent / "data" / "heldout.txt"
@@ -146,7 +147,7 @@ def _fmt(v):
 
 
 def heldout_windows(tokenizer, window: int, max_windows: int | None, path: Path = HELDOUT) -> np.ndarray:
-    ids = list(tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False))
+    ids = encode_corpus(tokenizer, path.read_text(encoding="utf-8"))
     n = len(ids) // window
     if max_windows:
         n = min(n, max_windows)

@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -88,14 +89,28 @@ def estimate_bytes(config: dict, bits: int, group_size: int, dtype: str) -> int:
     return int(total) + (16 << 20)
 
 
+@contextmanager
 def _progress(quiet: bool):
+    """The quantize stage as one progress bar (blocks done, rate, ETA; `squish.progress`),
+    drawn on the first report; None when quiet."""
     if quiet:
-        return None
+        yield None
+        return
+    from squish.progress import bar
+
+    shown = None
 
     def report(stage: str, done: int, total: int) -> None:
-        print(f"[{stage}] {done}/{total}", file=sys.stderr, flush=True)
+        nonlocal shown
+        if shown is None:
+            shown = bar(total, stage, unit="block")
+        shown.update(done - shown.n)
 
-    return report
+    try:
+        yield report
+    finally:
+        if shown is not None:
+            shown.close()
 
 
 def _say(quiet: bool, msg: str) -> None:
@@ -151,7 +166,8 @@ def _build(source: str, opts: BuildOptions, dtype: str, workdir: Path, t0: float
         )
         spec = QuantSpec(bits=opts.bits, group_size=opts.group_size, dtype=dtype)
         _say(opts.quiet, f"quantizing to INT{opts.bits} g{opts.group_size} ({dtype}) ...")
-        outcome = quantize_model(ref, calib, spec, writer.add, _progress(opts.quiet))
+        with _progress(opts.quiet) as progress:
+            outcome = quantize_model(ref, calib, spec, writer.add, progress)
         writer.copy_tokenizer(ref.tokenizer_dir)
         config = {**ref.config, "quantization": outcome.quantization}
         config["quantization_config"] = outcome.quantization

@@ -52,6 +52,17 @@ def test_hf_folder_round_trip(tmp_path, arch):
     assert bool(mx.all(mx.isfinite(logits)))
 
 
+def test_build_shows_one_progress_bar_and_quiet_silences_it(tmp_path, capsys):
+    src = make_hf_folder(tmp_path / "src", "llama")
+    opts = {**FAST, "quiet": False}
+    build(str(src), BuildOptions(output=tmp_path / "loud", dtype="float32", **opts))
+    err = capsys.readouterr().err
+    assert "quantize: 100%" in err and "block/s" in err and "blocks" not in err.split("quantize:")[0]
+    assert "[quantize]" not in err  # the old line per block is gone
+    build(str(src), BuildOptions(output=tmp_path / "quiet", dtype="float32", **FAST))
+    assert capsys.readouterr().err == ""
+
+
 def test_already_quantized_folder_refused(tmp_path):
     src = make_hf_folder(tmp_path / "src", "llama")
     cfg = json.loads((src / "config.json").read_text())
