@@ -76,19 +76,25 @@ def load_hf_dir(path: Path, *, source: dict | None = None) -> Reference:
 
 
 def download_hub(repo_id: str, *, quiet: bool = False) -> tuple[Path, str]:
-    """Snapshot a hub repo into the cache (resumable); returns (folder, revision)."""
+    """Snapshot a hub repo into the build cache (resumable, one progress bar per file through
+    ``squish.progress``); returns (folder, revision). When the hub does not answer within
+    seconds (``hub.reachable``), a snapshot already in the cache is used, else a clear error."""
     import os
 
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(HUB_TIMEOUT_S))
+    from squish import hub
+    from squish.progress import tqdm_class
+
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(HUB_TIMEOUT_S))
-    if quiet:
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    kw = dict(repo_id=repo_id, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir() / "hub")
+    kw = dict(repo_id=repo_id, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir() / "hub",
+              tqdm_class=tqdm_class(quiet))
+    online, why = hub.reachable()
     try:
-        folder = Path(snapshot_download(**kw))
+        if not online:
+            raise ConnectionError(why)
+        folder = Path(snapshot_download(**kw, etag_timeout=HUB_TIMEOUT_S))
     except GatedRepoError as e:
         raise InputError(f"{repo_id} is gated: accept its licence on the hub and set HF_TOKEN") from e
     except RepositoryNotFoundError as e:

@@ -186,3 +186,44 @@ def test_hub_id_shapes():
     assert not hub.looks_like_hub_id("qwen3:8b")
     assert not hub.looks_like_hub_id("./a/b") and not hub.looks_like_hub_id("a/b/c")
     assert hub.local_name("Org/Repo.v2") == "Org--Repo.v2"
+
+
+def test_build_download_uses_the_cached_snapshot_when_the_hub_is_unreachable(monkeypatch, tmp_path):
+    """`squish quantize ORG/REPO` offline: never waits on the network (hub.reachable says no),
+    builds from a snapshot already in the cache; with none, a clear SystemFailure."""
+    from squish.quant.sources import download_hub
+
+    calls = []
+
+    def snapshot(repo_id, *, local_files_only=False, tqdm_class=None, **kw):
+        calls.append(local_files_only)
+        assert tqdm_class is not None
+        if not local_files_only:
+            pytest.fail("asked the hub although it is unreachable")
+        if not cached:
+            raise FileNotFoundError("not in the cache")
+        return str(tmp_path / "snapshots" / "abc123")
+
+    monkeypatch.setattr(hub, "reachable", lambda timeout=hub.REACH_TIMEOUT_S: (False, "test: offline"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    cached = True
+    assert download_hub(REPO, quiet=True) == (tmp_path / "snapshots" / "abc123", "abc123")
+    cached = False
+    with pytest.raises(SystemFailure, match="cannot download mlx-community/Tiny-4bit .*test: offline"):
+        download_hub(REPO, quiet=True)
+    assert calls == [True, True]
+
+
+def test_build_download_online_passes_the_shared_progress_bar(monkeypatch, tmp_path):
+    from squish.quant.sources import download_hub
+
+    seen = {}
+
+    def snapshot(repo_id, *, tqdm_class=None, etag_timeout=None, local_files_only=False, **kw):
+        seen.update(tqdm=tqdm_class, etag=etag_timeout, local=local_files_only)
+        return str(tmp_path / "snapshots" / "def456")
+
+    monkeypatch.setattr(hub, "reachable", lambda timeout=hub.REACH_TIMEOUT_S: (True, ""))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    assert download_hub(REPO, quiet=False)[1] == "def456"
+    assert seen["tqdm"].__name__ == "SquishBar" and seen["etag"] and not seen["local"]
