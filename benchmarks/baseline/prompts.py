@@ -35,8 +35,11 @@ class Tokens:
 
         self._tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
 
+    def ids(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
     def count(self, text: str) -> int:
-        return len(self._tok.encode(text, add_special_tokens=False).ids)
+        return len(self.ids(text))
 
 
 def prose(n_tokens: int, tokens: Tokens, seed: int = 0) -> str:
@@ -51,6 +54,22 @@ def prose(n_tokens: int, tokens: Tokens, seed: int = 0) -> str:
 
 def tagged(tag: str, body: str) -> str:
     return f"[{tag}] {body}"
+
+
+_LEADS = ("Amber", "Birch", "Cedar", "Delta", "Ember", "Flint", "Grove", "Heron", "Iris", "Juniper")
+
+
+def disjoint_pair(tokens: Tokens, body: str, run: int) -> tuple[str, str]:
+    """Two prompts of one shape (the same token count) that share no leading token: each
+    starts with its own word, so a prefix cache can give the second nothing of the first
+    beyond the chat template's own text. (Tags such as "[run 17]" / "[run 18]" share "[run 1".)"""
+    texts = [f"{w}: {body}" for w in _LEADS[run % len(_LEADS):] + _LEADS[:run % len(_LEADS)]]
+    for i, a in enumerate(texts):
+        for b in texts[i + 1:]:
+            ia, ib = tokens.ids(a), tokens.ids(b)
+            if len(ia) == len(ib) and ia[0] != ib[0]:
+                return a, b
+    raise ValueError("no two lead words tokenize to the same length here")
 
 
 def long_prompt(tag: str, context: str) -> str:

@@ -175,10 +175,12 @@ class ModelRun:
         try:
             server.wait_ready(self.p.server_timeout_s)
             ready = time.perf_counter() - server.started_at
-            # The second request has the first one's shape (another tag, same length): what the
-            # two share is the chat template's own preamble, which a server may prepare at
-            # start. A first request slower than the second pays for work left to it.
-            bodies = [chat_body(server.model_field, prompts.tagged(self.tag(), prompts.SHORT), 4) for _ in range(2)]
+            # The second request has the first one's shape (same token count) and shares no
+            # token of its text: what the two share is the chat template's own preamble, which
+            # a server may prepare at start. A first request slower than the second pays for
+            # work left to it.
+            bodies = [chat_body(server.model_field, text, 4)
+                      for text in prompts.disjoint_pair(self.tokens, prompts.SHORT, i)]
             with httpx.Client(timeout=self.p.server_timeout_s) as c:
                 first, second = (stream_chat(c, server.base_url, b, self.tokens.count) for b in bodies)
             if first.ttft is None or second.ttft is None:
