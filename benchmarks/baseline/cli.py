@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -134,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     if backend == "cpu":
         notes.append(f"CPU backend: the long prompt is scaled down to {profile.long_tokens('cpu')} tokens "
                      f"(~{profile.long_tokens_gpu} on Metal/CUDA); MLX on CPU is far slower than on a GPU.")
+    if os.environ.pop("PYTHONDONTWRITEBYTECODE", None):
+        pycache = Path.home() / ".cache" / "squish-bench" / "pycache"
+        os.environ["PYTHONPYCACHEPREFIX"] = str(pycache)
+        notes.append("This environment turned Python's bytecode cache off (PYTHONDONTWRITEBYTECODE); every "
+                     f"process of both systems ran with it on (PYTHONPYCACHEPREFIX={pycache}), as an installed "
+                     "Python has it, so start-up figures are not dominated by compiling modules from source.")
     if not profile.inproc_runs:
         notes.append(f"Profile {profile.name}: mlx_lm's in-process `stream_generate` floor is skipped "
                      "(run without --quick for it).")
