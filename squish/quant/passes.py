@@ -53,6 +53,12 @@ class RefLoader:
 
     def open(self) -> dict:
         T = self.ref.tensors()
+        model = self.gr.model
+        if hasattr(model, "sanitize"):
+            # As mlx_lm.load does on every load (idempotent on mlx_lm-named weights): a class
+            # may shape itself from the weights here, e.g. gemma3_text drops its lm_head and
+            # ties it to the embedding when the weights have none.
+            T = model.sanitize(T)
         self.check(T)
         return T
 

@@ -69,6 +69,23 @@ def test_family_builds_loads_and_beats_rtn(tmp_path, arch):
     assert kld["squish"] < 0.85 * kld["rtn"], kld
 
 
+def test_tied_head_that_the_model_class_infers_from_the_weights(tmp_path):
+    """gemma3_text (Gemma 3 270M, the catalog's gemma3:270m) builds an lm_head and drops
+    it in ``sanitize`` when the weights have none: the build's graph must do the same."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    src = make_hf_folder(tmp_path / "src", "gemma3_text")
+    weights = mx.load(str(src / "model.safetensors"))
+    del weights["lm_head.weight"]
+    mx.save_safetensors(str(src / "model.safetensors"), weights, metadata={"format": "pt"})
+    ref = load_hf_dir(src)
+    _build(ref, src, tmp_path / "squish", "squish")
+    model, _ = load(str(tmp_path / "squish"))
+    assert model.tie_word_embeddings and "lm_head" not in model
+    assert bool(mx.all(mx.isfinite(model(mx.array([[1, 2, 3, 4]])))))
+
+
 def test_starved_experts_fall_back_and_are_recorded(tmp_path):
     src = make_hf_folder(tmp_path / "src", "qwen3_moe")
     ref = load_hf_dir(src)
