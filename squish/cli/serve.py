@@ -159,6 +159,7 @@ def run(args) -> int:
         raise InputError("--backend and --dist-port apply to --hosts / --hostfile only")
     path = resolve_or_build(args, args.dry_run)  # InputError -> exit 1 via squish.cli.main
 
+    from squish.api.app import create_app
     from squish.api.metrics import Metrics
 
     metrics = Metrics()
@@ -166,25 +167,9 @@ def run(args) -> int:
                     queue_timeout=settings.queue_timeout,
                     prefix_cache_bytes=None if settings.prefix_cache_mb is None else settings.prefix_cache_mb << 20,
                     observer=metrics)
-    url = f"http://{'[' + settings.host + ']' if ':' in settings.host else settings.host}:{settings.port}"
-    if not args.dry_run:
-        from squish.artifact import check_files, read_manifest
-
-        # The artifact's cheap checks (files, sizes, headers) before the port: a damaged model is
-        # the problem to report (InputError -> exit 1, a message and no traceback).
-        check_files(path, read_manifest(path))
-        busy = _port_free(settings.host, settings.port)
-        if busy:
-            print(f"error: cannot listen on {settings.host}:{settings.port} ({busy}); choose another --port",
-                  file=sys.stderr)
-            return 1
-        # Load now, before the web stack is even imported: the engine thread's imports and
-        # reads overlap this thread's, and the model is the longer of the two.
-        engine.start()
-
-    from squish.api.app import create_app
-
     app = create_app(settings, engine, metrics)
+    url = f"http://{'[' + settings.host + ']' if ':' in settings.host else settings.host}:{settings.port}"
+
     if args.dry_run:
         import uvicorn  # noqa: F401 - part of what a real start imports
         import psutil
@@ -194,6 +179,17 @@ def run(args) -> int:
         print(f"dry run ok: model {what}; would listen on {url}/v1; "
               f"startup {time.perf_counter() - t0:.2f}s, RSS {rss:.0f} MiB")
         return 0
+
+    from squish.artifact import check_files, read_manifest
+
+    # The artifact's cheap checks (files, sizes, headers) before the port: a damaged model is
+    # the problem to report (InputError -> exit 1, a message and no traceback).
+    check_files(path, read_manifest(path))
+    busy = _port_free(settings.host, settings.port)
+    if busy:
+        print(f"error: cannot listen on {settings.host}:{settings.port} ({busy}); choose another --port",
+              file=sys.stderr)
+        return 1
     return _serve(app, engine, settings, url, args.quiet)
 
 
@@ -226,7 +222,7 @@ def _serve(app, engine, settings, url: str, quiet: bool, on_server=None) -> int:
 
     if on_server is not None:
         on_server(server, outcome)
-    engine.start()  # (if not started yet) load while uvicorn binds; /health says "loading" meanwhile
+    engine.start()  # load while uvicorn binds; /health says "loading" meanwhile
     threading.Thread(target=announce, name="squish-announce", daemon=True).start()
     if not quiet:
         print(f"loading the model; listening on {url} (GET /health reports when ready)", flush=True)

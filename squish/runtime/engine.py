@@ -178,9 +178,7 @@ class Engine:
 
     # ---- any thread ------------------------------------------------------
     def start(self) -> None:
-        """Start the engine thread (it loads the model first); later calls do nothing."""
-        if self._thread.ident is None:
-            self._thread.start()
+        self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._inbox.put(("stop", None))
