@@ -16,7 +16,8 @@ Metrics (next-token distributions, float32, non-overlapping windows of
 this purpose and never used for calibration):
 mean KL(ref || quant), top-1 agreement, perplexity of both and the relative
 delta, max |delta logit|, NaN/Inf. Plus a greedy coherence check on a few chat
-prompts this class of model answers (see ``COHERENCE_PROMPTS``): non-empty,
+prompts this class of model answers (``COHERENCE_PROMPTS``; a pretrained model,
+``Reference.chat`` False, on completions: ``COMPLETION_PROMPTS``): non-empty,
 finite logits, no repetition loop (``repetition_loop``).
 """
 
@@ -73,6 +74,14 @@ COHERENCE_PROMPTS = (
     "List three fruits.",
     "Write one sentence about the sun.",
     "Name three colors.",
+)
+# A pretrained model continues text and does not follow chat turns (Gemma 3 270M's float
+# reference repeats "Name three colors." in a loop and its INT8 build loops on two of the
+# three): it is checked on completions, which that reference continues without a loop.
+COMPLETION_PROMPTS = (
+    "Here is a list of three fruits: apple,",
+    "The sun is a star that",
+    "Once upon a time, a little fox",
 )
 COHERENCE_MAX_TOKENS = 48
 
@@ -262,7 +271,7 @@ def evaluate(ref: Reference, artifact_dir: Path, *, bits: int | None = None,
         ("runtime consistency", metrics["runtime_consistency_max_abs"], th.max_runtime_diff,
          metrics["runtime_consistency_max_abs"] <= th.max_runtime_diff),
     ]
-    coh = _coherence(model, tokenizer) if coherence else []
+    coh = _coherence(model, tokenizer, chat=getattr(ref, "chat", True)) if coherence else []
     if coherence:
         checks.append(("coherence prompts ok", sum(c["ok"] for c in coh), len(coh), all(c["ok"] for c in coh)))
     return QualityReport(metrics=_round(metrics), thresholds=th, checks=checks, coherence=coh,
@@ -273,13 +282,14 @@ def _round(d):
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
 
 
-def _coherence(model, tokenizer) -> list[dict]:
+def _coherence(model, tokenizer, chat: bool = True) -> list[dict]:
     from mlx_lm.generate import generate_step
 
     out = []
     eos = set(getattr(tokenizer, "eos_token_ids", []) or [tokenizer.eos_token_id])
-    for prompt in COHERENCE_PROMPTS:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    for prompt in COHERENCE_PROMPTS if chat else COMPLETION_PROMPTS:
+        ids = (tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+               if chat else tokenizer.encode(prompt))
         toks: list[int] = []
         finite = True
         for tok, logprobs in generate_step(mx.array(ids), model, max_tokens=COHERENCE_MAX_TOKENS,

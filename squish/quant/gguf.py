@@ -218,4 +218,5 @@ def _load(path: Path, workdir: Path) -> Reference:
                 "file_types": dict(sorted(counts.items()))},
         load_tensors=lambda: GGUFTensors(tables, fam, config),
         notes=notes,
+        chat=files.chat,
     )

@@ -237,6 +237,7 @@ class TokenizerFiles:
     bos_token_id: int | None
     eos_token_ids: list[int]
     notes: list[str] = field(default_factory=list)
+    chat: bool = True  # the file brings its own chat template (a pretrained model has none)
 
     def write(self, out_dir: Path) -> Path:
         out_dir = Path(out_dir)
@@ -270,6 +271,7 @@ def build_tokenizer_files(meta: dict[str, Any], config: dict[str, Any]) -> Token
     }
     notes = []
     template = _meta_scalar(meta, "tokenizer.chat_template")
+    chat = bool(template)
     arch = str(_meta_scalar(meta, "general.architecture", ""))
     if not template and arch in DEFAULT_TEMPLATES:
         default, needs = DEFAULT_TEMPLATES[arch]
@@ -286,7 +288,7 @@ def build_tokenizer_files(meta: dict[str, Any], config: dict[str, Any]) -> Token
             if t in vocab and types[vocab[t]] == TOKEN_CONTROL and vocab[t] not in eos]
     bos = _special_token(meta, tokens, "bos_token_id")
     return TokenizerFiles(tok, tok_config, {**named, "additional_special_tokens": extra},
-                          vocab[bos] if bos is not None else None, eos, notes)
+                          vocab[bos] if bos is not None else None, eos, notes, chat)
 
 
 def write_tokenizer(meta: dict[str, Any], out_dir: Path, config: dict[str, Any]) -> Path:

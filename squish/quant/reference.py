@@ -31,6 +31,9 @@ class Reference:
     source: dict[str, Any]
     load_tensors: Callable[[], dict[str, Any]]
     notes: list[str] = field(default_factory=list)
+    # False for a pretrained (base) model, known by a source with no chat template of its own
+    # (a GGUF whose metadata has none): the quality gate checks it on completions, not turns.
+    chat: bool = True
 
     def tensors(self) -> dict[str, Any]:
         return self.load_tensors()
