@@ -136,7 +136,7 @@ def locate(name: str) -> Located:
         except InputError:
             raise InputError(_unknown(name)) from None
         built = [m for m in list_local() if m.catalog_name == entry.name and m.verdict != "FAILED"]
-        best = min(built, key=lambda m: (m.experimental, abs((m.bits or 4) - 4)), default=None)
+        best = min(built, key=lambda m: (m.experimental, abs((m.bits or entry.bits) - entry.bits)), default=None)
         return Located("catalog", entry.name, best.path if best else None, entry)
     if name.startswith(("./", "/", "~", "../")):
         raise InputError(f"{name}: no such folder")
@@ -218,7 +218,8 @@ def default_model_path(build_if_missing: bool = True, *, quiet: bool = False) ->
             raise
     from squish.quant.pipeline import BuildOptions, build
 
-    return build(catalog.DEFAULT_MODEL, BuildOptions(quiet=quiet)).path
+    return build(catalog.DEFAULT_MODEL, BuildOptions(bits=catalog.CATALOG[catalog.DEFAULT_MODEL].bits,
+                                                     quiet=quiet)).path
 
 
 def remove_model(name: str) -> Path:

@@ -49,12 +49,12 @@ class Shape:
         return self.vocab * self.hidden * (1 if self.tied else 2)
 
 
-def int4_weight_bytes(params: float, shape: Shape, dtype_bytes: int = 2) -> int:
-    """Bytes of a Squish INT4 g64 build: 4-bit linears, 8-bit embedding (and lm_head if untied),
-    a scale and a bias per group of 64 in the build dtype."""
+def build_weight_bytes(params: float, shape: Shape, dtype_bytes: int = 2, bits: int = 4) -> int:
+    """Bytes of a Squish g64 build at ``bits``: ``bits``-bit linears, an embedding (and lm_head
+    if untied) of at least 8 bits, a scale and a bias per group of 64 in the build dtype."""
     per_weight = 2 * dtype_bytes / GROUP_SIZE
     embed = shape.embedding_params()
-    return int((params - embed) * (0.5 + per_weight) + embed * (1.0 + per_weight))
+    return int((params - embed) * (bits / 8 + per_weight) + embed * (max(bits, 8) / 8 + per_weight))
 
 
 def need_bytes(weight_bytes: int, kv_per_token: int, context: int = DEFAULT_CONTEXT) -> int:

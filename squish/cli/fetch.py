@@ -102,7 +102,7 @@ def build_catalog(entry: catalog.CatalogEntry, *, quiet: bool) -> Path:
                             f"about {_size(disk)}, {_size(free)} are free")
     _source_reachable(entry)
     _say(quiet, line)
-    return build(entry.name, BuildOptions(quiet=quiet)).path
+    return build(entry.name, BuildOptions(bits=entry.bits, quiet=quiet)).path
 
 
 def obtain(found, *, quiet: bool) -> Path:

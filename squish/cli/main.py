@@ -44,7 +44,8 @@ def _register_quantize(sub) -> None:
              "  squish quantize Qwen/Qwen2.5-1.5B-Instruct --group-size 64 --calib notes.txt\n")
     p.add_argument("source", help="HF folder, .gguf file, catalog name (see `squish models --catalog`) or hub id")
     p.add_argument("-o", "--output", type=Path, help="artifact folder (default: $SQUISH_HOME/models/NAME-BITSbit)")
-    p.add_argument("--bits", type=int, default=4, help="4 (default, production), 8, or 3 (experimental)")
+    p.add_argument("--bits", type=int, help="4 (default, production), 8, or 3 (experimental); a catalog "
+                                          "name builds at its own default (`squish models --catalog`)")
     p.add_argument("--group-size", type=int, default=64, help="32, 64 (default) or 128")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="dtype of scales/biases/norms (default: from the hardware; float32 on CPU)")
@@ -59,8 +60,12 @@ def _register_quantize(sub) -> None:
 
 
 def _quantize(args) -> int:
+    from squish import catalog
     from squish.quant.pipeline import BuildOptions, build
 
+    if args.bits is None:
+        entry = catalog.CATALOG.get(args.source.lower()) if catalog.looks_like_catalog_name(args.source) else None
+        args.bits = entry.bits if entry else 4
     opts = BuildOptions(**{k: getattr(args, k) for k in (
         "bits", "group_size", "dtype", "calib_file", "calib_samples", "calib_seq_len",
         "seed", "output", "force", "keep_failed", "quiet")})
@@ -101,25 +106,28 @@ def _models(args) -> int:
 
 
 def _catalog_table(args) -> int:
-    """The catalog with the memory each INT4 build needs to serve (squish/sizing.py)."""
+    """The catalog with the bits each builds at and the memory that build needs to serve
+    (squish/sizing.py)."""
     from squish import catalog, sizing
 
     rows = []
     for e in catalog.CATALOG.values():
         need = catalog.memory_need(e) if e.name in catalog.SHAPES else None
-        rows.append({"name": e.name, "source": e.source, "params": f"{e.params_b:g}B", "notes": e.notes,
+        rows.append({"name": e.name, "source": e.source, "params": f"{e.params_b:g}B", "bits": e.bits,
+                     "notes": e.notes,
                      "memory_need_bytes": need,
                      "min_memory_bytes": need and sizing.smallest_machine_bytes(need)})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     if not args.quiet:
-        print(f"{'NAME':<14} {'PARAMS':>7} {'NEEDS':>7} {'FROM RAM':>8}  SOURCE")
+        print(f"{'NAME':<14} {'PARAMS':>7} {'BITS':>4} {'NEEDS':>7} {'FROM RAM':>8}  SOURCE")
     for r in rows:
         need = f"{r['memory_need_bytes'] / 1e9:.1f} GB" if r["memory_need_bytes"] else "-"
         ram = f"{math.ceil(r['min_memory_bytes'] / 2**30)} GiB" if r["min_memory_bytes"] else "-"
         print(r["name"] if args.quiet else
-              f"{r['name']:<14} {r['params']:>7} {need:>7} {ram:>8}  {r['source']}  {r['notes']}".rstrip())
+              f"{r['name']:<14} {r['params']:>7} {r['bits']:>4} {need:>7} {ram:>8}  {r['source']}  "
+              f"{r['notes']}".rstrip())
     return 0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from squish import catalog
 from squish.cli.main import main
 
 CLOSED = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens on the discard port here
@@ -124,7 +125,7 @@ def test_zero_config_dry_run_says_what_and_why(monkeypatch, capsys):
 def test_catalog_lists_memory_needs(capsys):
     assert main(["models", "--catalog"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:4] == ["NAME", "PARAMS", "NEEDS", "FROM"]
+    assert lines[0].split()[:5] == ["NAME", "PARAMS", "BITS", "NEEDS", "FROM"]
     assert any(line.startswith("qwen3:8b") and "7.5 GB" in line and "12 GiB" in line for line in lines)
     assert main(["models", "--catalog", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
@@ -132,7 +133,6 @@ def test_catalog_lists_memory_needs(capsys):
 
 
 def test_build_plan_says_download_disk_and_time():
-    from squish import catalog
     from squish.cli.fetch import build_plan
 
     line, disk = build_plan(catalog.CATALOG["qwen3:8b"], dtype_bytes=2, cores=10)
@@ -156,3 +156,28 @@ def test_catalog_build_without_disk_space_stops_before_building(monkeypatch, cap
     assert "not enough disk space" in err and "to build smollm2:135m" in err
     assert "building it first" not in err
     assert not _isolated_home.exists() or not any(_isolated_home.rglob("*"))
+
+
+def test_a_catalog_entry_builds_at_its_own_bits_unless_told(monkeypatch, capsys):
+    """gemma3:270m builds at INT8 (INT4 misses its quality gate, docs/models.md); `--bits`
+    still decides when given, and every other source defaults to INT4."""
+    import squish.quant.pipeline as pipeline
+    from squish.cli import fetch
+
+    seen = []
+
+    def fake_build(source, opts):
+        seen.append((source, opts.bits))
+        return pipeline.BuildResult(path=Path("/nowhere"), passed=True, report=None, seconds=0.0)
+
+    monkeypatch.setattr(pipeline, "build", fake_build)
+    assert main(["quantize", "gemma3:270m", "--quiet"]) == 0
+    assert main(["quantize", "Gemma3:270M", "--bits", "4", "--quiet"]) == 0
+    assert main(["quantize", "smollm2:135m", "--quiet"]) == 0
+    monkeypatch.setattr(fetch, "_source_reachable", lambda entry: None)
+    fetch.build_catalog(catalog.CATALOG["gemma3:270m"], quiet=True)
+    assert seen == [("gemma3:270m", 8), ("Gemma3:270M", 4), ("smollm2:135m", 4), ("gemma3:270m", 8)]
+    capsys.readouterr()
+    assert main(["models", "--catalog", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["gemma3:270m"]["bits"] == 8 and rows["smollm2:135m"]["bits"] == 4
