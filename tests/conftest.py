@@ -76,6 +76,21 @@ def smollm2_artifact(smollm2_gguf, tmp_path_factory) -> Path:
     return result.path
 
 
+@pytest.fixture(scope="session")
+def gemma3_artifact(gemma3_gguf, tmp_path_factory) -> Path:
+    """Gemma 3 270M built calibrated at its catalog bits (INT8), with 16 x 64 calibration tokens (production:
+    32 x 128) to keep CI's time; ``SQUISH_TEST_GEMMA3_ARTIFACT=PATH`` reuses a build."""
+    from squish.quant.pipeline import BuildOptions, build
+
+    if given := os.environ.get("SQUISH_TEST_GEMMA3_ARTIFACT"):
+        return Path(given)
+    out = tmp_path_factory.mktemp("artifacts") / "gemma-3-270m-8bit"
+    home = tmp_path_factory.mktemp("build-home-gemma3")
+    result = _with_home(home, lambda: build(str(gemma3_gguf), BuildOptions(
+        output=out, bits=8, calib_samples=16, calib_seq_len=64, quiet=True, keep_failed=True)))
+    return result.path
+
+
 # The gate is `pytest --timeout=120` per test, and pytest-timeout counts fixture
 # set-up: the first test that needs the real artifact also pays for building it
 # (download once per machine + calibration + quantization + quality gate, a few
@@ -84,7 +99,7 @@ BUILD_TIMEOUT_S = 900
 
 
 def pytest_collection_modifyitems(config, items):
-    for fixture in ("smollm2_artifact", "smollm2_gguf", "gemma3_gguf"):
+    for fixture in ("smollm2_artifact", "smollm2_gguf", "gemma3_gguf", "gemma3_artifact"):
         first = next((i for i in items if fixture in getattr(i, "fixturenames", ())), None)
         if first is not None:
             first.add_marker(pytest.mark.timeout(BUILD_TIMEOUT_S))
