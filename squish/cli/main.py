@@ -201,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # whoever read stdout stopped (`squish models --catalog | head`): not a failure. Point
+        # stdout at devnull so that the interpreter's final flush does not raise it again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:  # an internal failure: say so, keep the traceback for bug reports
         if os.environ.get("SQUISH_DEBUG"):
             traceback.print_exc()

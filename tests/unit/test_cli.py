@@ -17,6 +17,14 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subproc
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def test_a_closed_pipe_is_no_error():
+    """`squish models --catalog | head`: the reader may leave before Squish writes (here it
+    never reads at all); no traceback, no error message, exit 0."""
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", f"{sys.executable} -m squish models --catalog | true"],
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (0, "")
+
+
 def test_help_shows_examples():
     r = run_cli("--help")
     assert r.returncode == 0
