@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from squish.tools.families.base import ParsedCall, TaggedFamily
+from squish.tools.families.base import ParsedCall, TaggedFamily, find_end
 from squish.tools.registry import new_call_id
 
 
@@ -92,7 +92,7 @@ class ToolStream:
                 self._pos += at
                 rest = rest[at:]
             start_len = len(self.family.start) if rest.startswith(self.family.start) else 0
-            end = rest.find(self.family.end, start_len) if self.family.end else -1
+            end = find_end(rest, self.family.end, start_len) if self.family.end else -1
             if end < 0 and not final:
                 return events
             block = rest if end < 0 else rest[: end + len(self.family.end)]

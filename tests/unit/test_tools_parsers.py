@@ -156,3 +156,23 @@ def test_stream_stops_on_a_repeated_call_and_drops_a_cut_marker():
     out = cut.push("Sure. <tool_ca") + cut.finish()  # max_tokens inside the marker
     assert [e.text for e in out if isinstance(e, ContentDelta)] == ["Sure. "]
     assert cut.failures and cut.failures[0][0] == "length"
+
+
+# What SmolLM2 INT4 wrote under the forced-tool grammar for "Name a country and its capital."
+# (issue 11's suite, via Anthropic Messages and Chat Completions alike): the closers and the end
+# marker inside a string that is still open. Only the marker after the JSON ends the call.
+INSIDE = '<tool_call>\n{"name": "reply", "arguments": {"country": "USA", "capital": "USA}}</tool_call> D.C."}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_an_end_marker_inside_a_json_string_does_not_end_the_call(step):
+    fam = registry.by_name("smollm2")
+    parsed = fam.parse(INSIDE + "\nDone.")
+    assert [(c.name, c.error) for c in parsed.calls] == [("reply", None)] and parsed.content == "Done."
+    assert json.loads(parsed.calls[0].arguments) == {"country": "USA", "capital": "USA}}</tool_call> D.C."}
+    events = _run_stream(ToolStream(fam), INSIDE, step)
+    calls = [e for e in events if isinstance(e, ToolCallDelta)]
+    assert json.loads(calls[1].openai()["function"]["arguments"])["capital"] == "USA}}</tool_call> D.C."
+    assert not [e for e in events if isinstance(e, ContentDelta)]
+    escaped = fam.format_call("a", {"q": 'say "</tool_call>" \\ ok'})
+    assert json.loads(fam.parse(escaped).calls[0].arguments) == {"q": 'say "</tool_call>" \\ ok'}

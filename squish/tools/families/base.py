@@ -57,6 +57,28 @@ def call_from_json(obj, args_keys: tuple[str, ...] = ("arguments", "parameters")
     return ParsedCall(name, json.dumps(args, ensure_ascii=False))
 
 
+def find_end(text: str, marker: str, start: int = 0) -> int:
+    """Index of the first ``marker`` at or after ``start`` that is not inside a JSON string,
+    or -1. The grammar lets a model write the marker's characters inside a string value
+    (SmolLM2: ``"capital": "USA}}</tool_call>`` with the string still open); only the marker
+    after the JSON ends the call."""
+    in_string = escaped = False
+    for i in range(start, len(text)):
+        c = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif text.startswith(marker, i):
+            return i
+    return -1
+
+
 def calls_from_json_text(text: str, args_keys=("arguments", "parameters")) -> list[ParsedCall]:
     """A JSON call object or a JSON list of them; a parse error becomes one failed call."""
     text = text.strip()
@@ -119,7 +141,7 @@ class TaggedFamily:
                 break
             content.append(text[pos:i])
             body_at = i + len(self.start)
-            j = text.find(self.end, body_at) if self.end else -1
+            j = find_end(text, self.end, body_at) if self.end else -1
             if j < 0:
                 calls.extend(self.parse_block(text[body_at:], closed=not self.end))
                 break
