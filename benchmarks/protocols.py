@@ -16,7 +16,7 @@ Two parts (issue 11):
   call to compare.)
 
     .venv/bin/python benchmarks/protocols.py --model <artifact> [--rounds 12] [--max-tokens 48]
-    .venv/bin/python benchmarks/protocols.py --model <artifact> --part tools [--limit 10]
+    .venv/bin/python benchmarks/protocols.py --model <artifact> --part tools [--limit 10] [--prompts TEXT ...]
 
 Writes benchmarks/results/<UTC stamp>_protocols/{config,results}.json and report.md.
 """
@@ -198,12 +198,27 @@ def _valid(proto: str, body: dict, tools: list, schema: dict | None) -> tuple[bo
         return False, f"{type(exc).__name__}: {str(exc)[:120]}"
 
 
-def tools_suite(client: httpx.Client, url: str, limit: int) -> tuple[dict, str]:
+def _finish(proto: str, r: httpx.Response) -> str | None:
+    """The route's own stop reason, so an invalid reply says whether it ran out of tokens."""
+    if r.status_code != 200:
+        return None
+    body = r.json()
+    if proto == "chat":
+        return body["choices"][0].get("finish_reason")
+    if proto == "responses":
+        return body.get("status") + (f" ({body['incomplete_details'].get('reason')})"
+                                     if body.get("incomplete_details") else "")
+    return body.get("stop_reason")
+
+
+def tools_suite(client: httpx.Client, url: str, limit: int, only: list[str] | None = None) -> tuple[dict, str]:
     from benchmarks.tool_calling import JSON_CASES, TOOL_CASES
 
     rows = []
     cases = [("tools", p, t, None) for p, t in TOOL_CASES[: limit or None]]
     cases += [("json_schema", p, [], s) for p, s in JSON_CASES[: limit or None]]
+    if only:
+        cases = [c for c in cases if any(o in c[1] for o in only)]
     for suite, prompt, tools, schema in cases:
         row = {"suite": suite, "prompt": prompt}
         for proto in ("chat", "responses", "messages"):
@@ -212,7 +227,7 @@ def tools_suite(client: httpx.Client, url: str, limit: int) -> tuple[dict, str]:
             r = client.post(url + path, json=body)
             ok, why = (False, f"HTTP {r.status_code}: {r.text[:120]}") if r.status_code != 200 else \
                 _valid(proto, r.json(), tools, schema)
-            row[proto] = {"valid": ok, "why": why, "status": r.status_code}
+            row[proto] = {"valid": ok, "why": why, "status": r.status_code, "finish": _finish(proto, r)}
         rows.append(row)
         print(f"{suite}: " + " ".join(f"{p}={row[p]['valid']}" for p in ("chat", "responses", "messages")),
               file=sys.stderr, flush=True)
@@ -225,6 +240,10 @@ def tools_suite(client: httpx.Client, url: str, limit: int) -> tuple[dict, str]:
             summary[suite] = {p: sum(r[p]["valid"] for r in rs) for p in ("chat", "responses", "messages")}
             s = summary[suite]
             lines.append(f"| {suite} | {len(rs)} | {s['chat']} | {s['responses']} | {s['messages']} |")
+    bad = [(r, p) for r in rows for p in ("chat", "responses", "messages") if not r[p]["valid"]]
+    if bad:
+        lines += ["", "Invalid replies (route, stop reason, why):", ""]
+        lines += [f"- {r['suite']} `{r['prompt'][:60]}` via {p}: {r[p]['finish']}; {r[p]['why']}" for r, p in bad]
     return {"rows": rows, "summary": summary}, "\n".join(lines)
 
 
@@ -236,6 +255,7 @@ def main() -> int:
     ap.add_argument("--warmups", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--limit", type=int, default=0, help="only the first N prompts of each tool suite")
+    ap.add_argument("--prompts", action="append", help="only the suite prompts containing this text (repeatable)")
     a = ap.parse_args()
     log = Path(tempfile.mkdtemp(prefix="squish-protocols-")) / "server.log"
     server = Server(specs()[SQUISH], a.model, log).start()
@@ -247,12 +267,13 @@ def main() -> int:
                 results["overhead"], text = overhead(client, server.base_url, a.rounds, a.warmups, a.max_tokens)
                 report += [text, ""]
             if a.part in ("all", "tools"):
-                results["tools"], text = tools_suite(client, server.base_url, a.limit)
+                results["tools"], text = tools_suite(client, server.base_url, a.limit, a.prompts)
                 report += [text, ""]
     finally:
         server.stop()
     out = write_results("protocols", {"model": str(a.model), "part": a.part, "rounds": a.rounds,
-                                      "warmups": a.warmups, "max_tokens": a.max_tokens, "limit": a.limit},
+                                      "warmups": a.warmups, "max_tokens": a.max_tokens, "limit": a.limit,
+                                      "prompts": a.prompts},
                         results, "\n".join(report))
     print("\n".join(report))
     print(f"results: {out}")
