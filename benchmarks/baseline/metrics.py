@@ -100,7 +100,8 @@ def derive(raw: dict, global_raw: dict | None = None) -> dict:
         m["load.weights_peak_ratio"] = _cmp("load.weights_peak_ratio",
                                             *_pair(raw["load"], lambda r: r.get("weights_peak_ratio")))
     else:
-        missing("load.s", "load")
+        for key in ("load.s", "load.peak_rss_delta_bytes", "load.weights_peak_ratio"):
+            missing(key, "load")
     for kind in ("short", "long"):
         samples = raw.get("http", {}).get(kind)
         for field in ("ttft", "itl", "decode_tok_s"):

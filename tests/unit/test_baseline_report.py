@@ -186,7 +186,8 @@ def test_experiments_left_out_are_not_measured_in_this_run_not_failures():
     m = M.derive(raw)
     assert "not part of this run" in m["memory.process_peak_bytes"]["skipped"]
     assert "not part of this run" in m["http.short.ttft_s"]["skipped"]
-    cs = [c for c in C.load() if c.id in ("portable.peak_memory", "portable.cold_start")]
+    cs = [c for c in C.load() if c.id in ("portable.peak_memory", "portable.cold_start", "portable.load_peak")]
     verdicts = {v.contract.id: v for v in C.evaluate(cs, {"backend": "cpu"}, [{"label": "x", "metrics": m}], {})}
     assert verdicts["portable.peak_memory"].status == C.NOT_IN_RUN
+    assert verdicts["portable.load_peak"].status == C.NOT_IN_RUN  # every metric of a skipped experiment
     assert verdicts["portable.cold_start"].status == C.PASS  # 2.5 / 3.4 = 0.74x, every pair faster
