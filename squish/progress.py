@@ -12,6 +12,10 @@ tqdm is imported inside the functions: ``import squish`` stays light.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+
+#: A reporter for long stages: ``report(stage, done, total, unit)`` (unit optional).
+Progress = Callable[..., None]
 
 LOG_INTERVAL_S = 15.0
 TTY_INTERVAL_S = 0.2

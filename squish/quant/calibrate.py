@@ -22,8 +22,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from squish.quant.reference import Reference
 from squish.errors import InputError
+from squish.progress import Progress
+from squish.quant.reference import Reference
 
 PROMPTS = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -64,9 +65,10 @@ END_TOKEN_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>", "<|end|>
 
 
 def calibration_tokens(ref: Reference, tokenizer, *, calib_file: Path | None, n_samples: int,
-                       seq_len: int, seed: int,
-                       temperature: float = 0.8, top_p: float = 0.95) -> tuple[mx.array, dict]:
-    """``[n_samples, seq_len]`` int32 calibration tokens and a manifest summary."""
+                       seq_len: int, seed: int, temperature: float = 0.8, top_p: float = 0.95,
+                       progress: Progress | None = None) -> tuple[mx.array, dict]:
+    """``[n_samples, seq_len]`` int32 calibration tokens and a manifest summary;
+    ``progress(stage, done, total, unit)`` hears of every generated token."""
     if n_samples < 1 or seq_len < 16:
         raise InputError(f"calibration needs n_samples >= 1 and seq_len >= 16 (got {n_samples}, {seq_len})")
     t0 = time.perf_counter()
@@ -74,7 +76,7 @@ def calibration_tokens(ref: Reference, tokenizer, *, calib_file: Path | None, n_
     if calib_file is not None:
         toks, summary = _from_file(Path(calib_file), tokenizer, n_samples, seq_len, rng)
     else:
-        toks, summary = _self_generated(ref, tokenizer, n_samples, seq_len, rng, temperature, top_p)
+        toks, summary = _self_generated(ref, tokenizer, n_samples, seq_len, rng, temperature, top_p, progress)
     summary.update(samples=n_samples, seq_len=seq_len, seed=seed,
                    seconds=round(time.perf_counter() - t0, 2))
     return mx.array(toks.astype(np.int32)), summary
@@ -127,7 +129,7 @@ def _banned(tokenizer, vocab: int) -> list[int]:
     return sorted(out)
 
 
-def _self_generated(ref, tokenizer, n, L, rng, temperature, top_p):
+def _self_generated(ref, tokenizer, n, L, rng, temperature, top_p, progress=None):
     """Seeded sampling on the float reference through its own mlx_lm graph (products in
     numpy, ``squish.quant.passes``): batched with mlx_lm's BatchGenerator (left-padded
     prompts, the model's own caches), or one sequence at a time where that fails."""
@@ -147,18 +149,32 @@ def _self_generated(ref, tokenizer, n, L, rng, temperature, top_p):
 
     seed = int(rng.integers(0, 2**31 - 1))
     summary = {"source": "self-generated", "prompts": len(PROMPTS), "temperature": temperature, "top_p": top_p}
+    count = _Count(progress, n * n_new)
     with Runner(gr, ref) as run:
         try:
-            out = _batched(run.model, prompts, n_new, _Sampler(seed, temperature, top_p), ban)
+            out = _batched(run.model, prompts, n_new, _Sampler(seed, temperature, top_p), ban, count)
         except Exception as e:  # an mlx_lm model whose attention cannot take batched masks
-            out = [_one(run.model, p, n_new, _Sampler(seed + i, temperature, top_p), ban)
+            count.done = 0
+            out = [_one(run.model, p, n_new, _Sampler(seed + i, temperature, top_p), ban, count)
                    for i, p in enumerate(prompts)]
             summary["unbatched"] = f"mlx_lm's batched generation failed for this model ({type(e).__name__}: {e})"[:300]
     toks = np.stack([np.array((p + o)[:L]) for p, o in zip(prompts, out)])
     return toks, summary
 
 
-def _batched(model, prompts, n_new, sampler, ban) -> list[list[int]]:
+class _Count:
+    """Generated tokens so far, told to a progress reporter (if any)."""
+
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+
+    def add(self, k: int) -> None:
+        self.done += k
+        if self.progress:
+            self.progress("calibration text", min(self.done, self.total), self.total, "token")
+
+
+def _batched(model, prompts, n_new, sampler, ban, count: _Count) -> list[list[int]]:
     """mlx_lm's BatchGenerator: left-padded prompts, the model's own caches."""
     from mlx_lm.generate import BatchGenerator
 
@@ -171,16 +187,20 @@ def _batched(model, prompts, n_new, sampler, ban) -> list[list[int]]:
         while responses := gen.next_generated():
             for r in responses:
                 out[r.uid].append(int(r.token))
+            count.add(len(responses))
     finally:
         gen.close()
     return [out[u] for u in uids]
 
 
-def _one(model, prompt, n_new, sampler, ban) -> list[int]:
+def _one(model, prompt, n_new, sampler, ban, count: _Count) -> list[int]:
     from mlx_lm.generate import generate_step
 
-    steps = generate_step(mx.array(prompt), model, max_tokens=n_new, sampler=sampler, logits_processors=[ban])
-    return [int(t) for t, _ in steps]
+    out = []
+    for t, _ in generate_step(mx.array(prompt), model, max_tokens=n_new, sampler=sampler, logits_processors=[ban]):
+        out.append(int(t))
+        count.add(1)
+    return out
 
 
 class _Sampler:

@@ -24,12 +24,14 @@ finite logits, no repetition loop (``repetition_loop``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from squish.progress import Progress
 from squish.quant.calibrate import encode_corpus
 from squish.quant.reference import Reference
 
@@ -213,12 +215,13 @@ class Metrics:
         }
 
 
-def compare_models(ref: Reference, model, toks: np.ndarray, *, quant_ref: Reference | None = None
-                   ) -> tuple[dict, np.ndarray]:
+def compare_models(ref: Reference, model, toks: np.ndarray, *, quant_ref: Reference | None = None,
+                   step: Callable[[], None] | None = None) -> tuple[dict, np.ndarray]:
     """Distribution metrics of ``model`` (a loaded mlx_lm model; or, for memory
     measurements, a second reference ``quant_ref``) against ``ref`` on the windows
     ``toks [n, L]``, both through their own forward passes (numpy products). Also
-    returns the quantized side's logits for the first window."""
+    returns the quantized side's logits for the first window. ``step()`` is called
+    after each window."""
     from squish.quant.graph import Graph, build_model
     from squish.quant.passes import Runner
 
@@ -234,13 +237,16 @@ def compare_models(ref: Reference, model, toks: np.ndarray, *, quant_ref: Refere
             if first is None:
                 first = lq
             del lr, lq
+            if step:
+                step()
     return acc.result(), first
 
 
 def evaluate(ref: Reference, artifact_dir: Path, *, bits: int | None = None,
              thresholds: Thresholds | None = None, window: int = 256, max_windows: int | None = 8,
-             coherence: bool = True) -> QualityReport:
-    """Compare the artifact in ``artifact_dir`` with ``ref``; see the module docstring."""
+             coherence: bool = True, progress: Progress | None = None) -> QualityReport:
+    """Compare the artifact in ``artifact_dir`` with ``ref``; see the module docstring.
+    ``progress(stage, done, total, unit)`` hears of each window and coherence prompt."""
     from mlx_lm.utils import load
 
     t0 = time.perf_counter()
@@ -252,7 +258,17 @@ def evaluate(ref: Reference, artifact_dir: Path, *, bits: int | None = None,
         bits = json.loads((Path(artifact_dir) / "config.json").read_text())["quantization"]["bits"]
     th = thresholds or THRESHOLDS[bits]
     toks = heldout_windows(tokenizer, window, max_windows)
-    metrics, first = compare_models(ref, model, toks)
+    chat = getattr(ref, "chat", True)
+    total = toks.shape[0] + (len(COHERENCE_PROMPTS if chat else COMPLETION_PROMPTS) if coherence else 0)
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress("evaluation", done, total, "step")
+
+    metrics, first = compare_models(ref, model, toks, step=step)
     del q
 
     # the shortcut must agree with the real quantized runtime (causal: a prefix's logits
@@ -271,7 +287,7 @@ def evaluate(ref: Reference, artifact_dir: Path, *, bits: int | None = None,
         ("runtime consistency", metrics["runtime_consistency_max_abs"], th.max_runtime_diff,
          metrics["runtime_consistency_max_abs"] <= th.max_runtime_diff),
     ]
-    coh = _coherence(model, tokenizer, chat=getattr(ref, "chat", True)) if coherence else []
+    coh = _coherence(model, tokenizer, chat=chat, step=step) if coherence else []
     if coherence:
         checks.append(("coherence prompts ok", sum(c["ok"] for c in coh), len(coh), all(c["ok"] for c in coh)))
     return QualityReport(metrics=_round(metrics), thresholds=th, checks=checks, coherence=coh,
@@ -282,7 +298,7 @@ def _round(d):
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
 
 
-def _coherence(model, tokenizer, chat: bool = True) -> list[dict]:
+def _coherence(model, tokenizer, chat: bool = True, step: Callable[[], None] | None = None) -> list[dict]:
     from mlx_lm.generate import generate_step
 
     out = []
@@ -304,4 +320,6 @@ def _coherence(model, tokenizer, chat: bool = True) -> list[dict]:
         ok = finite and not loop and bool(text.strip())
         out.append({"prompt": prompt, "text": text, "tokens": len(toks), "finite": finite,
                     "loop": loop, "ok": ok})
+        if step:
+            step()
     return out

@@ -91,26 +91,37 @@ def estimate_bytes(config: dict, bits: int, group_size: int, dtype: str) -> int:
 
 @contextmanager
 def _progress(quiet: bool):
-    """The quantize stage as one progress bar (blocks done, rate, ETA; `squish.progress`),
-    drawn on the first report; None when quiet."""
+    """Progress bars for the long stages (calibration, quantize, evaluation): a reporter
+    ``report(stage, done, total, unit)`` that draws one bar per stage (count, rate, ETA;
+    `squish.progress`), opened on a stage's first report and closed when it completes;
+    None when quiet."""
     if quiet:
         yield None
         return
     from squish.progress import bar
 
     shown = None
+    stage_shown = None
 
-    def report(stage: str, done: int, total: int) -> None:
-        nonlocal shown
-        if shown is None:
-            shown = bar(total, stage, unit="block")
+    def close() -> None:
+        nonlocal shown, stage_shown
+        if shown is not None:
+            shown.close()
+        shown = stage_shown = None
+
+    def report(stage: str, done: int, total: int, unit: str = "block") -> None:
+        nonlocal shown, stage_shown
+        if stage != stage_shown:
+            close()
+            shown, stage_shown = bar(total, stage, unit=unit), stage
         shown.update(done - shown.n)
+        if done >= total:
+            close()
 
     try:
         yield report
     finally:
-        if shown is not None:
-            shown.close()
+        close()
 
 
 def _say(quiet: bool, msg: str) -> None:
@@ -154,7 +165,7 @@ def _build(source: str, opts: BuildOptions, dtype: str, workdir: Path, t0: float
     from mlx_lm.utils import load_tokenizer
 
     tokenizer = load_tokenizer(ref.tokenizer_dir)
-    with ArtifactWriter(target, overwrite=opts.force) as writer:
+    with ArtifactWriter(target, overwrite=opts.force) as writer, _progress(opts.quiet) as progress:
         _say(opts.quiet, f"calibrating ({opts.calib_samples} x {opts.calib_seq_len} tokens) ...")
         calib, calib_summary = calibration_tokens(
             ref,
@@ -163,18 +174,18 @@ def _build(source: str, opts: BuildOptions, dtype: str, workdir: Path, t0: float
             n_samples=opts.calib_samples,
             seq_len=opts.calib_seq_len,
             seed=opts.seed,
+            progress=progress,
         )
         spec = QuantSpec(bits=opts.bits, group_size=opts.group_size, dtype=dtype)
         _say(opts.quiet, f"quantizing to INT{opts.bits} g{opts.group_size} ({dtype}) ...")
-        with _progress(opts.quiet) as progress:
-            outcome = quantize_model(ref, calib, spec, writer.add, progress)
+        outcome = quantize_model(ref, calib, spec, writer.add, progress)
         writer.copy_tokenizer(ref.tokenizer_dir)
         config = {**ref.config, "quantization": outcome.quantization}
         config["quantization_config"] = outcome.quantization
         writer.write_config(config)
         writer.close_weights()
         _say(opts.quiet, "evaluating against the reference on held-out text ...")
-        report = evaluate(ref, writer.staging_dir, bits=opts.bits)
+        report = evaluate(ref, writer.staging_dir, bits=opts.bits, progress=progress)
         if not opts.quiet:
             print(report.table(), file=sys.stderr)
         if not report.passed and not opts.keep_failed:

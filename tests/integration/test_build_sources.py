@@ -52,12 +52,18 @@ def test_hf_folder_round_trip(tmp_path, arch):
     assert bool(mx.all(mx.isfinite(logits)))
 
 
-def test_build_shows_one_progress_bar_and_quiet_silences_it(tmp_path, capsys):
+def test_build_shows_a_progress_bar_per_stage_and_quiet_silences_them(tmp_path, capsys):
     src = make_hf_folder(tmp_path / "src", "llama")
     opts = {**FAST, "quiet": False}
     build(str(src), BuildOptions(output=tmp_path / "loud", dtype="float32", **opts))
     err = capsys.readouterr().err
-    assert "quantize: 100%" in err and "block/s" in err and "blocks" not in err.split("quantize:")[0]
+    stages = [("calibration text", "token/s"), ("quantize", "block/s"), ("evaluation", "step/s")]
+    for stage, rate in stages:
+        assert f"{stage}: 100%" in err and rate in err, stage
+    # in the order the build runs them, each closed before the next stage's message
+    at = [err.rindex(f"{stage}: 100%") for stage, _ in stages]
+    assert at == sorted(at)
+    assert err.index("quantizing to INT4") > at[0] and err.index("evaluating against") > at[1]
     assert "[quantize]" not in err  # the old line per block is gone
     build(str(src), BuildOptions(output=tmp_path / "quiet", dtype="float32", **FAST))
     assert capsys.readouterr().err == ""
