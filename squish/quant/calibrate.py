@@ -150,7 +150,7 @@ def _self_generated(ref, tokenizer, n, L, rng, temperature, top_p, progress=None
     seed = int(rng.integers(0, 2**31 - 1))
     summary = {"source": "self-generated", "prompts": len(PROMPTS), "temperature": temperature, "top_p": top_p}
     count = _Count(progress, n * n_new)
-    with Runner(gr, ref) as run:
+    with Runner(gr, ref, generation=True) as run:
         try:
             out = _batched(run.model, prompts, n_new, _Sampler(seed, temperature, top_p), ban, count)
         except Exception as e:  # an mlx_lm model whose attention cannot take batched masks

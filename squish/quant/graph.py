@@ -218,6 +218,7 @@ class Vocab:
         mx.eval([a for a in (weight, scales, biases) if a is not None])
         self.weight, self.scales, self.biases = weight, scales, biases
         self.dense: np.ndarray | None = None  # the whole matrix in float32, if ``keep_dense()``
+        self.last_only = False  # ``linear`` forms the last position's logits only (generation)
         self._q = dict(group_size=group_size, bits=bits, mode=mode)
         dim = weight.shape[1] * 32 // bits if scales is not None else weight.shape[1]
         self.shape = (weight.shape[0], dim)
@@ -280,6 +281,12 @@ class Vocab:
     def linear(self, x):
         import mlx.core as mx
 
+        if self.last_only and x.ndim >= 2 and x.shape[-2] > 1:
+            # a generation loop reads the last position only: the others are lazy zeros, never
+            # formed unless something evaluates them (a prefill call's output is dropped)
+            last = mx.array(self.project(to_np(x[..., -1:, :])))
+            head = mx.zeros((*x.shape[:-2], x.shape[-2] - 1, self.shape[0]), last.dtype)
+            return mx.concatenate([head, last], axis=-2)
         return mx.array(self.project(to_np(x)))
 
 

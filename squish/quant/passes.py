@@ -93,9 +93,16 @@ class Runner:
 
     Use as a context manager; leaving it restores the model's classes."""
 
-    def __init__(self, gr: g.Graph, ref=None, *, resident: bool | None = None):
-        """Weights from ``ref`` (a Reference), or else the model's own (quantized) modules."""
+    def __init__(self, gr: g.Graph, ref=None, *, resident: bool | None = None, generation: bool = False):
+        """Weights from ``ref`` (a Reference), or else the model's own (quantized) modules.
+
+        ``generation``: the caller is a generation loop (mlx_lm's ``generate_step`` /
+        ``BatchGenerator``), which reads only the last position's logits of a call; the LM
+        head then computes that position alone (``graph.Vocab.last_only``). Without it a
+        batched prefill would form [batch, prompt, vocab] float32 logits eagerly and drop them
+        (SmolLM2's calibration prefill: ~0.4 GB)."""
         self.gr = gr
+        self.generation = generation
         self.source = RefLoader(ref, gr) if ref is not None else None
         self.model = gr.model
         self.lins = [{p: g.Lin(p, m, g.kind(m) == "switch") for p, m in lin.items()} for lin in gr.linears]
@@ -124,6 +131,7 @@ class Runner:
         else:
             vocab = {p: g.Vocab.of(m) for p, m in self.gr.top_modules().items()}
         for p, m in self.gr.top_modules().items():
+            vocab[p].last_only = self.generation
             if self.resident:
                 vocab[p].keep_dense()
             g.attach(m, vocab[p], "embedding" if g.kind(m) == "embedding" else "head")

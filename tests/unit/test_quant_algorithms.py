@@ -93,3 +93,27 @@ def test_float32_inverse_factor_matches_float64_and_refuses_non_pd():
     assert np.allclose(got.T.astype(np.float64) @ got, np.linalg.inv(H + 0.01 * np.eye(300)), atol=1e-3)
     with pytest.raises(np.linalg.LinAlgError):
         _upper_inv_factor(-np.eye(8, dtype=np.float32), 0.0)
+
+
+def test_vocab_last_only_forms_the_last_position_alone():
+    """A generation loop's head (``Runner(generation=True)``): the last position's logits
+    are exact, the earlier ones are never formed."""
+    import mlx.core as mx
+
+    from squish.quant.graph import Vocab
+
+    rng = np.random.default_rng(6)
+    W = mx.array(rng.normal(size=(300, 32)).astype(np.float32))
+    x = mx.array(rng.normal(size=(2, 5, 32)).astype(np.float32))
+    v = Vocab(W)
+    full = np.array(v.linear(x))
+    v.last_only = True
+    calls = []
+    project = v.project
+    v.project = lambda a: (calls.append(a.shape), project(a))[1]
+    got = v.linear(x)
+    assert got.shape == (2, 5, 300)
+    assert calls == [(2, 1, 32)]  # one product, for the last position only
+    assert np.allclose(np.array(got[:, -1]), full[:, -1], atol=1e-5)
+    one = v.linear(x[:, -1:])  # a decode step is computed as before
+    assert np.allclose(np.array(one[:, 0]), full[:, -1], atol=1e-5)
