@@ -23,17 +23,37 @@ from typing import Callable
 
 import numpy as np
 
-from squish.quant.gptq import hessian, rtn
+from squish.quant.gptq import hessian, pieces, rtn
 
 ALPHA_GRID = tuple(np.round(np.arange(0.0, 0.95, 0.1), 3))  # 0, 0.1, ..., 0.9
 
 
 def _quant_err(Wcat: np.ndarray, s_in: np.ndarray, H: np.ndarray, bits: int, gs: int, dtype: str) -> float:
-    q, sc, bi = rtn(Wcat * s_in[None, :], bits, gs, dtype)
+    """Output error of rounding ``Wcat * s_in`` (then unscaling), through ``H``, summed in
+    float64 over row pieces."""
     rows, cols = Wcat.shape
-    dq = (q.reshape(rows, cols // gs, gs) * sc[..., None] + bi[..., None]).reshape(rows, cols)
-    d = (Wcat - dq / s_in[None, :]).astype(np.float32)
-    return float(np.einsum("ri,ri->", d @ H, d, dtype=np.float64))
+    total = 0.0
+    for r0, r1 in pieces(rows, cols):
+        W = Wcat[r0:r1]
+        q, sc, bi = rtn(W * s_in[None, :], bits, gs, dtype)
+        n = r1 - r0
+        dq = (q.reshape(n, cols // gs, gs) * sc[..., None] + bi[..., None]).reshape(n, cols)
+        del q
+        d = (W - dq / s_in[None, :]).astype(np.float32, copy=False)
+        del dq
+        total += float(np.einsum("ri,ri->", d @ H, d, dtype=np.float64))
+    return total
+
+
+def _weight_absmean(Wcat: np.ndarray, gs: int) -> np.ndarray:
+    """Mean over rows of |W| relative to each group's max |W|, per input column."""
+    rows, cols = Wcat.shape
+    acc = np.zeros(cols, np.float64)
+    for r0, r1 in pieces(rows, cols):
+        a = np.abs(Wcat[r0:r1]).reshape(r1 - r0, cols // gs, gs)
+        a /= a.max(axis=-1, keepdims=True) + 1e-12
+        acc += a.reshape(r1 - r0, cols).sum(axis=0, dtype=np.float64)
+    return acc / rows
 
 
 def search_scale(x_absmean: np.ndarray, Ws: list[np.ndarray], H: np.ndarray, bits: int, gs: int,
@@ -44,12 +64,9 @@ def search_scale(x_absmean: np.ndarray, Ws: list[np.ndarray], H: np.ndarray, bit
     ``H`` is over the input columns of ``Ws``. Returns ``(s, alpha, err_ratio)``
     where ``err_ratio`` = best error / error at ``s = 1``.
     """
-    Wcat = np.concatenate(Ws, axis=0).astype(np.float32)
+    Wcat = (Ws[0] if len(Ws) == 1 else np.concatenate(Ws, axis=0)).astype(np.float32, copy=False)
     H = H.astype(np.float32, copy=False)
-    cols = Wcat.shape[1]
-    wabs = np.abs(Wcat).reshape(Wcat.shape[0], cols // gs, gs)
-    wabs = wabs / (wabs.max(axis=-1, keepdims=True) + 1e-12)
-    wmean = wabs.reshape(Wcat.shape[0], cols).mean(axis=0)
+    wmean = _weight_absmean(Wcat, gs)
     if index is not None:  # aggregate columns that share one factor
         n = x_absmean.shape[0]
         wmean = np.bincount(index, weights=wmean, minlength=n) / np.maximum(np.bincount(index, minlength=n), 1)

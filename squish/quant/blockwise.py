@@ -348,11 +348,15 @@ def _probe_args(args: tuple, n: int) -> tuple:
 
 def _quantize_rows(w, bits, gs, dt, build: _Build, path, clip, chunk=8192):
     """Quantize a large [rows, D] tensor (embedding / LM head) in row chunks (RTN, clip-searched
-    when calibrated): the working set is one chunk besides the packed output."""
-    rows = w.shape[0]
-    words, ss, bs = [], [], []
+    when calibrated): the working set is one chunk besides the packed output, which is
+    filled in place (a list of chunks joined at the end would hold it twice)."""
+    rows, cols = w.shape
+    words = np.empty((rows, cols * bits // 32), np.uint32)
+    ss = np.empty((rows, cols // gs), np.float32)
+    bs = np.empty_like(ss)
     for r0 in range(0, rows, chunk):
         q, s, b = rtn(g.to_np(w[r0:r0 + chunk]), bits, gs, dt, H=None, clip=clip)
-        words.append(pack(q, bits)), ss.append(s), bs.append(b)
-        del q
-    build.emit_packed(path, np.concatenate(words), np.concatenate(ss), np.concatenate(bs), bits, gs, w.size)
+        r1 = r0 + q.shape[0]
+        words[r0:r1], ss[r0:r1], bs[r0:r1] = pack(q, bits), s, b
+        del q, s, b
+    build.emit_packed(path, words, ss, bs, bits, gs, w.size)

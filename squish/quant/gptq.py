@@ -33,6 +33,20 @@ def hessian(x: np.ndarray) -> np.ndarray:
     return h
 
 
+# rows per piece of the row-wise passes (clip search, error sums): ~4M float32 elements
+# (16 MB) per temporary, so a wide matrix (gate+up: 17920 x 1536; down: 1536 x 8960) never
+# holds several whole-matrix temporaries at once. Groups are per row, so the results are
+# the same; the qwen2.5-1.5B build's peak RSS was these temporaries
+# (benchmarks/quantize_memory.py).
+PIECE_ELEMENTS = 1 << 22
+
+
+def pieces(rows: int, cols: int):
+    """``(r0, r1)`` row ranges of about ``PIECE_ELEMENTS`` elements each."""
+    step = max(1, PIECE_ELEMENTS // max(cols, 1))
+    return ((r0, min(r0 + step, rows)) for r0 in range(0, rows, step))
+
+
 def fit_groups(w: np.ndarray, H: np.ndarray | None, bits: int, gs: int, dtype: str,
                ratios=DEFAULT_CLIP_RATIOS) -> tuple[np.ndarray, np.ndarray]:
     """Best (scale, bias) per (row, group) of ``w [rows, cols]``.
@@ -44,10 +58,19 @@ def fit_groups(w: np.ndarray, H: np.ndarray | None, bits: int, gs: int, dtype: s
     """
     rows, cols = w.shape
     ng = cols // gs
-    wg = w.reshape(rows, ng, gs).transpose(1, 0, 2)  # [ng, rows, gs]
     hb = None
     if H is not None:
         hb = np.stack([H[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(ng)]).astype(np.float32)
+    S = np.empty((rows, ng), np.float32)
+    B = np.empty((rows, ng), np.float32)
+    for r0, r1 in pieces(rows, cols):
+        S[r0:r1], B[r0:r1] = _fit_rows(w[r0:r1], hb, bits, gs, dtype, ratios)
+    return S, B
+
+
+def _fit_rows(w, hb, bits, gs, dtype, ratios):
+    rows, cols = w.shape
+    wg = w.reshape(rows, cols // gs, gs).transpose(1, 0, 2)  # [ng, rows, gs]
     best = bs = bb = None
     lo0, hi0 = wg.min(axis=-1), wg.max(axis=-1)
     maxq = (1 << bits) - 1
@@ -56,6 +79,7 @@ def fit_groups(w: np.ndarray, H: np.ndarray | None, bits: int, gs: int, dtype: s
         b = round_to_dtype(lo0 * r, dtype)
         d = wg - (quantize_grid(wg, s[..., None], b[..., None], bits) * s[..., None] + b[..., None])
         e = ((d @ hb) * d).sum(-1) if hb is not None else (d * d).sum(-1)
+        del d
         if best is None:
             best, bs, bb = e, s, b
         else:
@@ -63,7 +87,7 @@ def fit_groups(w: np.ndarray, H: np.ndarray | None, bits: int, gs: int, dtype: s
             best = np.where(m, e, best)
             bs = np.where(m, s, bs)
             bb = np.where(m, b, bb)
-    return bs.T.astype(np.float32).copy(), bb.T.astype(np.float32).copy()
+    return bs.T, bb.T
 
 
 def rtn(w: np.ndarray, bits: int, gs: int, dtype: str, H: np.ndarray | None = None,
@@ -111,7 +135,7 @@ def _upper_inv_factor(H: np.ndarray, bump: float) -> np.ndarray:
     if ``H + bump I`` is not positive definite.
 
     float64 ``H``: numpy. float32 ``H`` (wide layers): LAPACK's spotrf + strtri through
-    scipy, in float32 and in place - numpy's linalg computes float32 in float64 with
+    scipy, in float32 and in place, returned as a reversed view of the factor - numpy's linalg computes float32 in float64 with
     copies, and its cholesky + inv of an 8960-wide down_proj Hessian peaked at ~4 GB
     (benchmarks/quantize_memory.py, qwen2.5-1.5B shape). MLX's CPU linalg would also
     work in float32 but measured 14x slower here (193 s vs 14 s at n = 8960)."""
@@ -134,7 +158,10 @@ def _upper_inv_factor(H: np.ndarray, bump: float) -> np.ndarray:
     del M
     if info != 0 or not np.isfinite(Minv).all():
         raise np.linalg.LinAlgError(f"singular Cholesky factor (strtri info {info})")
-    return np.ascontiguousarray(Minv[::-1, ::-1])
+    # a reversed view, not a contiguous copy: GPTQ reads it in column blocks (numpy copies
+    # those small slices for its products), and a whole copy would hold the matrix a third
+    # time beside H and the factor (+321 MB at n = 8960, the build's peak)
+    return Minv[::-1, ::-1]
 
 
 def gptq(w: np.ndarray, prep: HessianPrep, bits: int, gs: int, dtype: str, clip: bool = True,
@@ -183,7 +210,10 @@ def gptq(w: np.ndarray, prep: HessianPrep, bits: int, gs: int, dtype: str, clip:
 def output_error(w: np.ndarray, wq: np.ndarray, H: np.ndarray) -> tuple[float, float]:
     """(absolute, relative) mean squared output error of replacing ``w`` by ``wq``."""
     H = H.astype(np.float32, copy=False)
-    d = (w - wq).astype(np.float32)
-    e = float(np.einsum("ri,ri->", d @ H, d, dtype=np.float64))
-    ref = float(np.einsum("ri,ri->", w @ H, w, dtype=np.float64))
+    e = ref = 0.0
+    for r0, r1 in pieces(*w.shape):
+        wp = w[r0:r1].astype(np.float32, copy=False)
+        d = wp - wq[r0:r1].astype(np.float32, copy=False)
+        e += float(np.einsum("ri,ri->", d @ H, d, dtype=np.float64))
+        ref += float(np.einsum("ri,ri->", wp @ H, wp, dtype=np.float64))
     return e, e / max(ref, 1e-30)

@@ -95,6 +95,46 @@ def test_float32_inverse_factor_matches_float64_and_refuses_non_pd():
         _upper_inv_factor(-np.eye(8, dtype=np.float32), 0.0)
 
 
+def test_row_pieces_give_the_whole_matrix_results(monkeypatch):
+    """The clip search, the error sums and the AWQ search run in row pieces (peak memory);
+    cutting a matrix into many pieces gives the results of one whole piece."""
+    from squish.quant import gptq as gq
+    from squish.quant.gptq import fit_groups
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(512, 256)).astype(np.float32)
+    w = rng.normal(size=(96, 256)).astype(np.float32)
+    H = hessian(x)
+
+    def run():
+        S, B = fit_groups(w, H, 4, 64, "float32")
+        q, s, b = gptq(w, HessianPrep(H), 4, 64, "float32")
+        err = output_error(w, dequantize(q, s, b, 64), H)
+        sc, alpha, ratio = awq.search_scale(np.abs(x).mean(0), [w[:40], w[40:]], H, 4, 64, "float32")
+        return S, B, q, err, sc, alpha, ratio
+
+    whole = run()
+    monkeypatch.setattr(gq, "PIECE_ELEMENTS", 256 * 7)  # 7 rows a piece: 14 pieces, the last short
+    assert len(list(gq.pieces(96, 256))) == 14
+    cut = run()
+    for a, b in zip(whole[:3], cut[:3]):
+        assert np.array_equal(a, b)
+    assert np.allclose(whole[3], cut[3], rtol=1e-9)
+    assert np.array_equal(whole[4], cut[4]) and whole[5] == cut[5]
+    assert abs(whole[6] - cut[6]) < 1e-9
+
+
+def test_the_float32_inverse_factor_is_a_view_not_a_third_copy():
+    """At n = 8960 each copy is 321 MB: the factor is returned as a reversed view of
+    LAPACK's own buffer."""
+    from squish.quant.gptq import _upper_inv_factor
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 200)).astype(np.float32)
+    U = _upper_inv_factor(x.T @ x / 300, 0.01)
+    assert U.base is not None and not U.flags.owndata
+
+
 def test_vocab_last_only_forms_the_last_position_alone():
     """A generation loop's head (``Runner(generation=True)``): the last position's logits
     are exact, the earlier ones are never formed."""
