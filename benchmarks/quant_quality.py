@@ -20,12 +20,17 @@ Config syntax ``bits:group:method`` where method is ``squish`` (awq+clip+gptq,
 ``mlx_lm.convert -q`` does), ``rtn-mixed`` (RTN with Squish's mixed recipe, to
 isolate the algorithm's contribution), or any ``awq+clip+gptq`` subset, optionally
 suffixed ``@e<bits>`` for the embedding bits (``@e4`` = uniform).
+
+``--more-bits REGEX=BITS`` (repeatable) is a sensitivity experiment: every quantized
+module whose path matches ``REGEX`` gets ``BITS`` in every config, e.g.
+``--more-bits 'self_attn\.=8'`` for 8-bit attention in a 4-bit build.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -66,6 +71,23 @@ def parse_config(c: str):
     return int(bits), int(gs), meth, mixed
 
 
+def more_bits(ref, specs: list[str]) -> tuple[tuple[str, int], ...]:
+    """``REGEX=BITS`` specs as MixedPolicy overrides over the model's quantizable modules."""
+    from squish.quant.graph import build_model
+
+    if not specs:
+        return ()
+    paths = [p for p, m in build_model(ref.config).named_modules() if hasattr(m, "to_quantized")]
+    out = []
+    for spec in specs:
+        rx, _, bits = spec.rpartition("=")
+        hits = [p for p in paths if re.search(rx, p)]
+        if not rx or not bits.isdigit() or not hits:
+            raise SystemExit(f"--more-bits {spec!r}: want REGEX=BITS matching at least one module")
+        out += [(p, int(bits)) for p in hits]
+    return tuple(out)
+
+
 def build_dir(ref, calib, spec, method, mixed, out: Path):
     """Quantize and write a minimal mlx_lm-loadable directory (no manifest)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -97,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny-families", nargs="?", const="all",
                     help="tiny random models instead of SmolLM2: 'all' or a comma list of tests/tiny.py families")
     ap.add_argument("--window", type=int, default=256, help="held-out window length")
+    ap.add_argument("--more-bits", action="append", default=[], metavar="REGEX=BITS",
+                    help="modules whose path matches REGEX get BITS in every config (repeatable)")
     a = ap.parse_args(argv)
     if a.tiny_families:
         return tiny_families(a)
@@ -140,8 +164,11 @@ def main(argv=None) -> int:
         csum.update(cs)
         print(f"calibration: {csum} ({time.perf_counter() - t:.1f} s)", flush=True)
         rows = []
+        more = more_bits(ref, a.more_bits)
         for c in a.configs.split(","):
             bits, gs, meth, mixed = parse_config(c)
+            if more:
+                mixed = MixedPolicy(embed_bits=mixed.embed_bits, overrides=more)
             spec = QuantSpec(bits=bits, group_size=gs, dtype="float32")
             t = time.perf_counter()
             outcome = build_dir(ref, calib, spec, meth, mixed, work / c.replace(":", "_"))
@@ -152,6 +179,7 @@ def main(argv=None) -> int:
             row = {"config": c, "bits": bits, "group_size": gs, "method": outcome.recipe["method"],
                    "embed_bits": mixed.bits_for("model.embed_tokens", bits, top=True),
                    "bpw": outcome.recipe["bits_per_weight"], "quantize_s": round(tq, 1),
+                   "more_bits": a.more_bits,
                    "recipe": outcome.recipe, **m}
             if a.coherence:
                 row["coherence"] = rep.coherence
