@@ -46,14 +46,14 @@ def _quant_err(Wcat: np.ndarray, s_in: np.ndarray, H: np.ndarray, bits: int, gs:
 
 
 def _weight_absmean(Wcat: np.ndarray, gs: int) -> np.ndarray:
-    """Mean over rows of |W| relative to each group's max |W|, per input column."""
+    """Mean over rows of |W| relative to each group's max |W|, per input column: float32
+    over the whole matrix (its arithmetic sets the AWQ factors, so it is kept exactly as it
+    was: a float64 or piecewise mean moved near-tie choices and changed SmolLM2's replies),
+    with one temporary."""
     rows, cols = Wcat.shape
-    acc = np.zeros(cols, np.float64)
-    for r0, r1 in pieces(rows, cols):
-        a = np.abs(Wcat[r0:r1]).reshape(r1 - r0, cols // gs, gs)
-        a /= a.max(axis=-1, keepdims=True) + 1e-12
-        acc += a.reshape(r1 - r0, cols).sum(axis=0, dtype=np.float64)
-    return acc / rows
+    wabs = np.abs(Wcat).reshape(rows, cols // gs, gs)
+    wabs /= wabs.max(axis=-1, keepdims=True) + 1e-12
+    return wabs.reshape(rows, cols).mean(axis=0)
 
 
 def search_scale(x_absmean: np.ndarray, Ws: list[np.ndarray], H: np.ndarray, bits: int, gs: int,
