@@ -259,7 +259,7 @@ def evaluate(ref: Reference, artifact_dir: Path, *, bits: int | None = None,
     th = thresholds or THRESHOLDS[bits]
     toks = heldout_windows(tokenizer, window, max_windows)
     chat = getattr(ref, "chat", True)
-    total = toks.shape[0] + (len(COHERENCE_PROMPTS if chat else COMPLETION_PROMPTS) if coherence else 0)
+    total = toks.shape[0] + (len(_coherence_prompts(chat)) if coherence else 0)
     done = 0
 
     def step() -> None:
@@ -298,12 +298,16 @@ def _round(d):
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
 
 
+def _coherence_prompts(chat: bool) -> tuple[str, ...]:
+    return COHERENCE_PROMPTS if chat else COMPLETION_PROMPTS
+
+
 def _coherence(model, tokenizer, chat: bool = True, step: Callable[[], None] | None = None) -> list[dict]:
     from mlx_lm.generate import generate_step
 
     out = []
     eos = set(getattr(tokenizer, "eos_token_ids", []) or [tokenizer.eos_token_id])
-    for prompt in COHERENCE_PROMPTS if chat else COMPLETION_PROMPTS:
+    for prompt in _coherence_prompts(chat):
         ids = (tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
                if chat else tokenizer.encode(prompt))
         toks: list[int] = []

@@ -35,9 +35,9 @@ def hessian(x: np.ndarray) -> np.ndarray:
 
 # rows per piece of the row-wise passes (clip search, error sums): ~4M float32 elements
 # (16 MB) per temporary, so a wide matrix (gate+up: 17920 x 1536; down: 1536 x 8960) never
-# holds several whole-matrix temporaries at once. Groups are per row, so the results are
-# the same; the qwen2.5-1.5B build's peak RSS was these temporaries
-# (benchmarks/quantize_memory.py).
+# holds several whole-matrix temporaries at once. Groups are per row, so the clip search is
+# unchanged; error sums over pieces differ only in float64 rounding. The qwen2.5-1.5B build's
+# peak RSS was these temporaries (benchmarks/quantize_memory.py).
 PIECE_ELEMENTS = 1 << 22
 
 
