@@ -2,8 +2,8 @@
 
 ``FAMILIES`` is tried in order; the first whose ``matches(model_type,
 chat_template)`` is true wins, and ``generic`` matches everything, so it is
-last. To add a family: write ``families/<name>.py`` with a ``FAMILY`` object
-(usually a ``TaggedFamily`` with its markers) and list it here.
+last. To add a family: write a ``TaggedFamily`` (usually just its markers) in
+``families/`` (``hermes`` holds the ``<tool_call>`` JSON ones) and list it here.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from __future__ import annotations
 import secrets
 import string
 
-from squish.tools.families import generic, llama, mistral, qwen, smollm2
+from squish.tools.families import hermes, llama, mistral
 from squish.tools.families.base import ParsedCall, TaggedFamily
 
 FAMILIES: tuple[TaggedFamily, ...] = (
-    qwen.FAMILY,
+    hermes.QWEN,
     llama.FAMILY,
     mistral.FAMILY,
-    smollm2.FAMILY,
-    generic.FAMILY,
+    hermes.SMOLLM2,
+    hermes.GENERIC,
 )
 
 _ID_CHARS = string.ascii_letters + string.digits
@@ -37,7 +37,7 @@ def detect(model_type: str = "", chat_template: str | None = None) -> TaggedFami
     for fam in FAMILIES:
         if fam.matches(model_type, template):
             return fam
-    return generic.FAMILY
+    return hermes.GENERIC
 
 
 def for_tokenizer(tokenizer, model_type: str = "") -> TaggedFamily:

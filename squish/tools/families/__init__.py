@@ -1,1 +1,1 @@
-"""One module per model family's tool-call format; see ``base`` and ``squish.tools.registry``."""
+"""Tool-call formats, one module per format (``hermes`` holds the ``<tool_call>`` JSON families); see ``base`` and ``squish.tools.registry``."""

@@ -4,7 +4,8 @@ A family says how calls look in the model's output (markers around a JSON
 call or a JSON list of calls), how to parse them back into OpenAI
 ``tool_calls``, how to write calls back into a prompt, and the Lark grammar
 (llguidance dialect) that constrains a call block. Adding a family is one
-small module with a ``FAMILY`` object, listed in ``registry.FAMILIES``.
+``TaggedFamily`` (a module of its own, or beside its kin in ``hermes``), listed in
+``registry.FAMILIES``.
 """
 
 from __future__ import annotations
