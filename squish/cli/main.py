@@ -187,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: 0 after --help; 2 for a usage error, which is the user's (exit 1)
+        return 1 if e.code == 2 else int(e.code or 0)
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
         return 1

@@ -43,6 +43,11 @@ def test_no_command_is_a_usage_error(capsys):
     assert "usage" in capsys.readouterr().err
 
 
+def test_a_malformed_option_is_a_user_error_exit_1(capsys):
+    assert main(["serve", "--port", "eighty"]) == 1  # argparse alone would exit 2 (a runtime error)
+    assert "invalid int value" in capsys.readouterr().err
+
+
 def test_bits_2_refused(capsys):
     assert main(["quantize", "smollm2:135m", "--bits", "2"]) == 1
     err = capsys.readouterr().err
@@ -98,3 +103,4 @@ def test_import_squish_is_light():
     code = "import sys, squish, squish.cli.main; print(any(m.startswith(('mlx', 'fastapi')) for m in sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False", r.stderr
+
