@@ -25,6 +25,7 @@ class ServeSettings:
     max_batch: int = 8
     max_queue: int = 64
     prefix_cache_mb: int | None = None  # None: scaled to the model (runtime.prompt_cache.auto_max_bytes)
+    kv_bits: int | None = None  # None: the model's own KV cache; 8 / 4: quantized (runtime.kv_cache)
     responses_store: int = 1000  # stored OpenAI Responses (store: true), at most this many ...
     responses_store_mb: int = 64  # ... and this many MiB of JSON; least recently used out; in memory only
 

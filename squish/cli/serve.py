@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   squish serve smollm2:135m --port 8080
   squish serve ./my-artifact --api-key s3cret --host 0.0.0.0
   squish serve --dry-run                    resolve the model and build the app, but do not load or bind
+  squish serve qwen3:8b --kv-bits 8         long contexts in about half the KV memory
   squish serve ./qwen3-8b-4bit --hosts 10.0.0.1,10.0.0.2 --api-key s3cret --host 0.0.0.0
                                             one model split over two Macs (docs/distributed.md)
 then point any OpenAI client at http://127.0.0.1:8000/v1
@@ -68,6 +69,10 @@ def register(subparsers) -> None:
     p.add_argument("--prefix-cache-mb", type=int, default=None,
                    help="memory for reusing prompt prefixes across requests, 0 = off (default: the "
                         "model's weight size, at least 64, at most 10%% of RAM)")
+    p.add_argument("--kv-bits", type=int, choices=(8,),
+                   help="keep the KV cache quantized to 8 bits: long contexts and many streams take about "
+                        "half the KV memory of half precision (a quarter of MLX's CPU backend's float32), "
+                        "at the quality cost measured in docs/benchmarks.md; one machine only (default: off)")
     p.add_argument("--responses-store", type=int, default=1000, metavar="N",
                    help="OpenAI Responses kept in memory for previous_response_id and GET /v1/responses/ID, "
                         "least recently used out, lost on restart; 0 = keep none (default 1000)")
@@ -103,7 +108,7 @@ def _settings(args):
         rate_limit_per_minute=args.rate_limit, rate_limit_burst=args.rate_burst,
         request_timeout=args.request_timeout, queue_timeout=args.queue_timeout,
         max_batch=args.max_batch, max_queue=args.max_queue, prefix_cache_mb=args.prefix_cache_mb,
-        responses_store=args.responses_store, responses_store_mb=args.responses_store_mb)
+        kv_bits=args.kv_bits, responses_store=args.responses_store, responses_store_mb=args.responses_store_mb)
 
 
 def _banner(url: str, name: str, api_key: str | None) -> str:
@@ -154,6 +159,8 @@ def run(args) -> int:
 
         if args.hosts and args.hostfile:
             raise InputError("--hosts and --hostfile name the hosts twice; give one of them")
+        if args.kv_bits:
+            raise InputError("--kv-bits works on one machine only; serve across machines without it")
         return launch(args, settings)
     if args.backend or args.dist_port:
         raise InputError("--backend and --dist-port apply to --hosts / --hostfile only")
@@ -166,7 +173,7 @@ def run(args) -> int:
     engine = make_engine(path, max_batch=settings.max_batch, max_queue=settings.max_queue,
                     queue_timeout=settings.queue_timeout,
                     prefix_cache_bytes=None if settings.prefix_cache_mb is None else settings.prefix_cache_mb << 20,
-                    observer=metrics)
+                    kv_bits=settings.kv_bits, observer=metrics)
     app = create_app(settings, engine, metrics)
     url = f"http://{'[' + settings.host + ']' if ':' in settings.host else settings.host}:{settings.port}"
 

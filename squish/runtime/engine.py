@@ -155,9 +155,12 @@ class Engine:
         queue_timeout: float = 60.0,
         prefix_cache_bytes: int | None = None,
         prefill_step: int = 512,
+        kv_bits: int | None = None,
         observer: Any = None,
     ):
         self._load = load
+        self.kv_bits = kv_bits  # None: mlx_lm's own KV cache; 4 / 8: runtime.kv_cache
+        self._kv_quant: tuple[int, int] | None = None  # (bits, group size) once the model is checked
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
@@ -254,6 +257,10 @@ class Engine:
         from squish.runtime.prompt_cache import PrefixCache, auto_bound
 
         info = self.model_info
+        if self.kv_bits:
+            from squish.runtime.kv_cache import check
+
+            self._kv_quant = check(info.model, self.kv_bits)  # InputError: this model cannot use one
         self._eos = set(info.tokenizer.eos_token_ids)
         self._gen = BatchGenerator(
             info.model,
@@ -265,7 +272,7 @@ class Engine:
         if self._prefix_bytes is None:  # auto: scaled to the model
             self._prefix_bytes = auto_bound(info.model)
         log.info("prefix cache bound: %.0f MiB", self._prefix_bytes / 2**20)
-        self._prefix = PrefixCache(self._prefix_bytes)
+        self._prefix = PrefixCache(self._prefix_bytes, self._kv_quant)
         self._prepare_preamble(info)
         self._waiting: deque[Request] = deque()
         self._active: dict[int, _Active] = {}
@@ -354,6 +361,10 @@ class Engine:
             if not self._claim(req):
                 continue  # cancelled while it waited
             cache, cached = self._prefix.lookup(req.prompt)
+            if cache is None and self._kv_quant:
+                from squish.runtime.kv_cache import new_cache
+
+                cache = new_cache(self.model_info.model, self._kv_quant)
             p = req.params
             procs = build_processors(p, len(req.prompt))
             constrained = None

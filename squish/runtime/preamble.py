@@ -14,8 +14,9 @@ function of the model alone, so it is written to
 ``$SQUISH_HOME/cache/preamble/<key>.safetensors`` and read back by the next start
 (milliseconds instead of a prefill). The key covers the artifact's files (its manifest's
 hashes, or the weight files' sizes and times for a plain folder), the preamble's tokens,
-MLX's backend and version; a file that does not match, or cannot be read, is
-recomputed. Only template text is stored: nothing a client sent ever reaches the disk.
+MLX's backend and version, and the KV cache's bits (``--kv-bits``: a quantized cache is
+computed through quantized attention, so it is kept apart); a file that does not match,
+or cannot be read, is recomputed. Only template text is stored: nothing a client sent ever reaches the disk.
 """
 
 from __future__ import annotations
@@ -59,34 +60,39 @@ def _artifact_key(info) -> str:
     return json.dumps(ident, sort_keys=True)
 
 
-def cache_file(info, tokens: list[int]) -> Path:
+def cache_file(info, tokens: list[int], kv_quant: tuple[int, int] | None = None) -> Path:
     """Where this model's preamble KV is kept: the artifact's files fix the weights and the
-    dtype, MLX's version and backend fix the kernels that computed it."""
+    dtype, MLX's version and backend fix the kernels that computed it, ``kv_quant`` the cache."""
     import mlx.core as mx
 
     from squish.config import cache_dir
     from squish.hardware import backend
 
     h = hashlib.sha256()
-    for part in (_artifact_key(info), json.dumps(tokens), backend(), mx.__version__):
+    parts = [_artifact_key(info), json.dumps(tokens), backend(), mx.__version__]
+    if kv_quant:
+        parts.append("kv{}g{}".format(*kv_quant))
+    for part in parts:
         h.update(part.encode())
         h.update(b"\0")
     return cache_dir() / "preamble" / f"{h.hexdigest()[:32]}.safetensors"
 
 
-def _compute(model, tokens: list[int]) -> list:
+def _compute(model, tokens: list[int], kv_quant: tuple[int, int] | None) -> list:
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
 
-    cache = make_prompt_cache(model)
+    from squish.runtime.kv_cache import new_cache
+
+    cache = new_cache(model, kv_quant)
     model(mx.array([tokens]), cache=cache)
     mx.eval([(c.keys, c.values) for c in cache])
     return cache
 
 
-def _load(file: Path, tokens: list[int], layers: int) -> list | None:
+def _load(file: Path, tokens: list[int], layers: int, kv_quant: tuple[int, int] | None) -> list | None:
     import mlx.core as mx
-    from mlx_lm.models.cache import KVCache
+
+    from squish.runtime.kv_cache import layer
 
     try:
         arrays = mx.load(str(file))
@@ -94,10 +100,12 @@ def _load(file: Path, tokens: list[int], layers: int) -> list | None:
             return None
         out = []
         for i in range(layers):
-            c = KVCache()
-            c.keys, c.values = arrays[f"{i}.keys"], arrays[f"{i}.values"]
-            c.offset = c.keys.shape[2]
-            if c.offset != len(tokens):
+            if kv_quant:  # (data, scales, biases) each
+                keys, values = (tuple(arrays[f"{i}.{name}.{j}"] for j in range(3)) for name in ("keys", "values"))
+            else:
+                keys, values = arrays[f"{i}.keys"], arrays[f"{i}.values"]
+            c = layer(keys, values, len(tokens), kv_quant)
+            if (keys[0] if kv_quant else keys).shape[2] != len(tokens):
                 return None
             out.append(c)
         mx.eval([(c.keys, c.values) for c in out])
@@ -112,8 +120,12 @@ def _save(file: Path, tokens: list[int], cache: list) -> None:
 
     arrays = {"tokens": mx.array(tokens, dtype=mx.int32)}
     for i, c in enumerate(cache):
-        arrays[f"{i}.keys"] = c.keys[..., : c.offset, :]
-        arrays[f"{i}.values"] = c.values[..., : c.offset, :]
+        for name, kv in (("keys", c.keys), ("values", c.values)):
+            if isinstance(kv, tuple):  # a quantized cache's (data, scales, biases)
+                for j, a in enumerate(kv):
+                    arrays[f"{i}.{name}.{j}"] = a[..., : c.offset, :]
+            else:
+                arrays[f"{i}.{name}"] = kv[..., : c.offset, :]
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp.safetensors")
@@ -129,17 +141,17 @@ def prepare(info, prefix) -> int:
     Engine thread only (it runs the model)."""
     if prefix.max_bytes <= 0:
         return 0
-    from mlx_lm.models.cache import make_prompt_cache
+    from squish.runtime.kv_cache import new_cache
 
     tokens = preamble_tokens(info.tokenizer)
-    empty = make_prompt_cache(info.model)
+    empty = new_cache(info.model, prefix.kv_quant)
     if len(tokens) <= MIN_REUSE_TOKENS or not prefix.reusable(empty):
         return 0
-    file = cache_file(info, tokens)
-    cache = _load(file, tokens, len(empty)) if file.exists() else None
+    file = cache_file(info, tokens, prefix.kv_quant)
+    cache = _load(file, tokens, len(empty), prefix.kv_quant) if file.exists() else None
     source = "read from disk"
     if cache is None:
-        cache = _compute(info.model, tokens)
+        cache = _compute(info.model, tokens, prefix.kv_quant)
         _save(file, tokens, cache)
         source = "prefilled"
     prefix.store(tokens, cache)

@@ -34,9 +34,11 @@ distributed follower that replays the same ``lookup`` / ``store`` calls keeps an
 evicts exactly what rank 0 does.
 
 Only the engine thread uses this class (see engine.py); it is not locked. Only
-caches made entirely of plain ``KVCache`` layers are reused; other cache types
-(rotating windows, recurrent state) cannot be cut to a prefix, so for such models
-the cache stays empty.
+caches made entirely of plain ``KVCache`` layers, or entirely of quantized ones
+(``squish serve --kv-bits``, ``kv_cache.QuantizedKV``: each key and value is then a
+(data, scales, biases) triple, cut along the same token axis), are reused; other
+cache types (rotating windows, recurrent state) cannot be cut to a prefix, so for
+such models the cache stays empty.
 """
 
 from __future__ import annotations
@@ -90,8 +92,8 @@ class _Node:
 
     def __init__(self, run: list[int], kv: list, parent: "_Node | None"):
         self.run = run  # the tokens this node adds after its parent
-        self.kv = kv  # per layer: (keys, values), each [1, heads, len(run), head_dim]
-        self.nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
+        self.kv = kv  # per layer: (keys, values), each [1, heads, len(run), X] or a triple of such
+        self.nbytes = _nbytes(kv)
         self.children: dict[int, _Node] = {}  # first token of a child's run -> child
         self.parent = parent
         self.used = 0  # logical clock of the last lookup / store through this node
@@ -99,17 +101,25 @@ class _Node:
         self.stale = False  # a sequence ends here whose generated tail was superseded
 
 
+def _nbytes(kv: list) -> int:
+    from mlx.utils import tree_reduce
+
+    return tree_reduce(lambda total, a: total + a.nbytes, kv, 0)
+
+
 def _slice(kv: list, start: int, stop: int) -> list:
     import mlx.core as mx
+    from mlx.utils import tree_map
 
-    out = [(mx.contiguous(k[..., start:stop, :]), mx.contiguous(v[..., start:stop, :])) for k, v in kv]
+    out = tree_map(lambda a: mx.contiguous(a[..., start:stop, :]), kv)
     mx.eval(out)
     return out
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, kv_quant: tuple[int, int] | None = None):
         self.max_bytes = max_bytes
+        self.kv_quant = kv_quant  # the engine's KV cache: None plain, else (bits, group size); lookup makes alike
         self._root = _Node([], [], None)
         self._clock = 0
         self._prompts: OrderedDict[int, int] = OrderedDict()  # hash(prompt) -> its length
@@ -132,7 +142,9 @@ class PrefixCache:
     def reusable(cache: list) -> bool:
         from mlx_lm.models.cache import KVCache
 
-        return bool(cache) and all(type(c) is KVCache for c in cache)
+        from squish.runtime.kv_cache import QuantizedKV
+
+        return bool(cache) and len({type(c) for c in cache}) == 1 and type(cache[0]) in (KVCache, QuantizedKV)
 
     def _tick(self) -> int:
         self._clock += 1
@@ -194,7 +206,7 @@ class PrefixCache:
         node.run, node.kv, node.parent = node.run[j:], lower_kv, upper
         upper.children[node.run[0]] = node
         old = node.nbytes
-        node.nbytes = sum(k.nbytes + v.nbytes for k, v in lower_kv)
+        node.nbytes = _nbytes(lower_kv)
         self.nbytes += upper.nbytes + node.nbytes - old
         return upper
 
@@ -224,7 +236,7 @@ class PrefixCache:
 
     # ---- lookup --------------------------------------------------------------------------
     def lookup(self, prompt: list[int]) -> tuple[list | None, int]:
-        """(a per-layer ``KVCache`` holding the reused prefix, reused token count)."""
+        """(a per-layer cache holding the reused prefix, reused token count)."""
         self._remember(prompt)
         limit = len(prompt) - 1
         path: list[tuple[_Node, int]] = []
@@ -245,22 +257,21 @@ class PrefixCache:
             self.misses += 1
             return None, 0
         import mlx.core as mx
-        from mlx_lm.models.cache import KVCache
+        from mlx.utils import tree_map
+
+        from squish.runtime.kv_cache import layer as cache_layer
 
         now = self._tick()
         for n, _ in path:
             n.used = now
         out = []
-        for layer in range(len(path[0][0].kv)):
+        for at in range(len(path[0][0].kv)):
             if len(path) == 1:
-                k, v = path[0][0].kv[layer]
-                keys, values = k[..., :i, :], v[..., :i, :]
+                keys, values = tree_map(lambda a: a[..., :i, :], path[0][0].kv[at])
             else:
-                keys = mx.concatenate([n.kv[layer][0][..., :j, :] for n, j in path], axis=2)
-                values = mx.concatenate([n.kv[layer][1][..., :j, :] for n, j in path], axis=2)
-            c = KVCache()
-            c.keys, c.values, c.offset = keys, values, i
-            out.append(c)
+                parts = [tree_map(lambda a, j=j: a[..., :j, :], n.kv[at]) for n, j in path]
+                keys, values = tree_map(lambda *a: mx.concatenate(a, axis=2), *parts)
+            out.append(cache_layer(keys, values, i, self.kv_quant))
         self.hits += 1
         return out, i
 

@@ -104,3 +104,9 @@ def test_import_squish_is_light():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False", r.stderr
 
+
+def test_kv_bits_refused_where_it_cannot_work(capsys):
+    assert main(["serve", "--kv-bits", "4"]) == 1  # measured: 4 bits fails the INT4 quality gate
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(["serve", "./tiny", "--kv-bits", "8", "--hosts", "10.0.0.1,10.0.0.2"]) == 1
+    assert "--kv-bits works on one machine only" in capsys.readouterr().err

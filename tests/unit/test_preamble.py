@@ -58,15 +58,18 @@ def test_preamble_is_what_every_chat_without_a_system_message_starts_with(loaded
     assert list(chat[:len(tokens)]) == tokens and len(chat) > len(tokens)
 
 
-def test_prepared_once_then_read_from_disk(loaded, monkeypatch):
+@pytest.mark.parametrize("quant", [None, (8, 32)], ids=["plain", "kv8"])
+def test_prepared_once_then_read_from_disk(loaded, monkeypatch, quant):
     import mlx.core as mx
+    from mlx.utils import tree_flatten
 
-    first = PrefixCache(64 << 20)
+    first = PrefixCache(64 << 20, quant)
     n = preamble.prepare(loaded, first)
     tokens = preamble.preamble_tokens(loaded.tokenizer)
     assert n == len(tokens) > 8
-    file = preamble.cache_file(loaded, tokens)
+    file = preamble.cache_file(loaded, tokens, quant)
     assert file.exists()
+    assert not preamble.cache_file(loaded, tokens).exists() or quant is None  # a quantized KV is kept apart
     computed, hit = first.lookup(tokens + [5])
     assert hit == n
 
@@ -74,12 +77,14 @@ def test_prepared_once_then_read_from_disk(loaded, monkeypatch):
         raise AssertionError("the preamble was prefilled again instead of read from disk")
 
     monkeypatch.setattr(preamble, "_compute", no_prefill)
-    second = PrefixCache(64 << 20)
+    second = PrefixCache(64 << 20, quant)
     assert preamble.prepare(loaded, second) == n
     again, hit = second.lookup(tokens + [5])
     assert hit == n
     for a, b in zip(computed, again):
-        assert mx.array_equal(a.keys, b.keys) and mx.array_equal(a.values, b.values)
+        assert type(a) is type(b) and isinstance(a.keys, tuple) == (quant is not None)
+        pairs = zip(tree_flatten((a.keys, a.values)), tree_flatten((b.keys, b.values)))
+        assert all(mx.array_equal(x, y) for (_, x), (_, y) in pairs)
 
 
 def test_a_damaged_file_is_recomputed(loaded, monkeypatch):
