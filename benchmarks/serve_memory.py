@@ -21,6 +21,7 @@ off: growth minus KV is what else the phase allocated.
 
     .venv/bin/python -m benchmarks.serve_memory --shape qwen2.5:1.5b --bits 4
     .venv/bin/python -m benchmarks.serve_memory --model PATH --contexts 1024,2048 --pairs 3
+    .venv/bin/python -m benchmarks.serve_memory --model PATH --contexts 2048 --kv-bits 8
 
 ``--shape`` builds (once, cached) a random-weight artifact with that model's exact
 shapes (``benchmarks/random_artifact.py``). Defaults follow the issue on Metal / CUDA
@@ -61,6 +62,10 @@ CONTRACT = {("qwen2.5:1.5b", 4): 1.5e9, ("qwen2.5:1.5b", 3): 1.0e9, ("qwen3:8b",
 SQUISH_CMD = ("{python} -m benchmarks.memprobe {stats} squish serve {model} --port {port} --rate-limit 0 "
               "--request-timeout 86400 --queue-timeout 86400")
 MLX_LM_CMD = "{python} -m benchmarks.memprobe {stats} mlx_lm.server --model {model} --port {port}"
+# --kv-bits N: both servers keep a quantized KV cache from the first token (mlx_lm.server's own
+# option starts at token 5000 unless told, and serves one request at a time with it).
+KV_ARGS = {SQUISH: " --kv-bits {bits}", MLX_LM: " --kv-bits {bits} --quantized-kv-start 0"}
+KV_GROUP = 64
 GPU_DEFAULTS = {"prompt_tokens": 512, "contexts": [4096, 16384], "streams": 8, "stream_tokens": 64, "gen": 16}
 CPU_DEFAULTS = {"prompt_tokens": 64, "contexts": [], "streams": 8, "stream_tokens": 8, "gen": 4}
 
@@ -116,12 +121,13 @@ class Peak:
 
 
 class Server:
-    def __init__(self, system: str, model: Path, out: Path, tag: str):
+    def __init__(self, system: str, model: Path, out: Path, tag: str, kv_bits: int | None = None):
         self.system, self.model = system, model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.stats = Path(tempfile.mkdtemp(prefix="memprobe-")) / "stats.json"
-        template = SQUISH_CMD if system == SQUISH else MLX_LM_CMD
+        template = (SQUISH_CMD if system == SQUISH else MLX_LM_CMD) + (
+            KV_ARGS[system].format(bits=kv_bits) if kv_bits else "")
         self.argv = shlex.split(template.format(python=shlex.quote(sys.executable), stats=self.stats,
                                                 model=shlex.quote(str(model)), port=self.port))
         self.log = open(out / f"server_{system}_{tag}.log", "ab")
@@ -197,7 +203,7 @@ def settle(srv: Server, seconds: float = 1.0) -> int:
     return srv.peak.rss()
 
 
-def kv_bytes_per_token(model: Path) -> int:
+def kv_bytes_per_token(model: Path, kv_bits: int | None = None) -> int:
     cfg = json.loads((model / "config.json").read_text())
     cfg = {**cfg, **(cfg.get("text_config") or {})}
     heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
@@ -205,7 +211,10 @@ def kv_bytes_per_token(model: Path) -> int:
     manifest = model / "squish.json"
     dtype = json.loads(manifest.read_text()).get("quantization", {}).get("dtype") if manifest.exists() else None
     size = {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype or "float16", 2)
-    return cfg["num_hidden_layers"] * 2 * heads * head_dim * size
+    values = cfg["num_hidden_layers"] * 2 * heads * head_dim
+    if kv_bits:  # packed bits, and a scale and a bias in the activation dtype per group
+        return int(values * (kv_bits / 8 + 2 * size / KV_GROUP))
+    return values * size
 
 
 def phase(srv: Server, name: str, bodies: list[dict], timeout: float) -> dict:
@@ -230,8 +239,8 @@ def phase(srv: Server, name: str, bodies: list[dict], timeout: float) -> dict:
 
 
 def one_server(system: str, model: Path, out: Path, tag: str, plan: dict, tokens, counter: list[int],
-               timeout: float) -> list[dict]:
-    srv = Server(system, model, out, tag).start()
+               timeout: float, kv_bits: int | None = None) -> list[dict]:
+    srv = Server(system, model, out, tag, kv_bits).start()
     rows = []
     try:
         ready = srv.wait_loaded(timeout)
@@ -328,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stream-tokens", type=int, help="each stream's prompt (default 64; CPU 8)")
     ap.add_argument("--gen", type=int, help="tokens generated per request (default 16; CPU 4)")
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per phase (default 7200)")
+    ap.add_argument("--kv-bits", type=int, help="both servers keep the KV cache quantized to these bits "
+                    "(Squish --kv-bits; mlx_lm.server --kv-bits --quantized-kv-start 0)")
     ap.add_argument("--name", default="serve_memory")
     a = ap.parse_args(argv)
 
@@ -353,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("MLX CPU backend: prompts are scaled down from the issue's 512 / 4k / 16k tokens "
                      f"(see the phase names); activations and KV are float32 here, half precision on Metal/CUDA.")
     config = {"argv": sys.argv[1:] if argv is None else argv, "plan": plan, "pairs": a.pairs,
-              "commands": {SQUISH: SQUISH_CMD, MLX_LM: MLX_LM_CMD}, "models": [str(m) for m, _, _ in models],
+              "commands": {SQUISH: SQUISH_CMD, MLX_LM: MLX_LM_CMD}, "kv_bits": a.kv_bits,
+              "models": [str(m) for m, _, _ in models],
               "machine": mach, "notes": notes}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     results, md = {}, [f"# Server memory, `squish serve` vs `mlx_lm.server` ({out.name})", "",
@@ -372,11 +384,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[serve_memory {time.strftime('%H:%M:%S')}] {path.name}: {system} run {i + 1}/{a.pairs}",
                       file=sys.stderr, flush=True)
                 runs[system].append(one_server(system, path, out, f"{path.name}_{i}", plan, tokens, counter,
-                                               a.timeout))
-        kv = kv_bytes_per_token(path)
+                                               a.timeout, a.kv_bits))
+        kv = kv_bytes_per_token(path, a.kv_bits)
         manifest = json.loads((path / "squish.json").read_text()) if (path / "squish.json").exists() else {}
         meta = {"weights_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")), "kv_per_token": kv,
-                "kv_dtype": manifest.get("quantization", {}).get("dtype") or "half", "pairs": a.pairs,
+                "kv_dtype": (f"{a.kv_bits}-bit, groups of {KV_GROUP}" if a.kv_bits else
+                             manifest.get("quantization", {}).get("dtype") or "half"), "pairs": a.pairs,
                 "backend": backend, "contract": CONTRACT.get((shape, bits))}
         summary = summarize_runs(runs, kv)
         label = f"{shape or path.name} INT{bits}" + (" (random weights)" if manifest.get("source", {}).get(
