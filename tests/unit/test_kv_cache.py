@@ -39,15 +39,14 @@ def tiny(tmp_path_factory):
 
 
 def one_at_a_time(model, prompt, n, quant):
-    """Greedy tokens and each step's logits, one sequence, mlx_lm's own single-sequence cache."""
-    bits, group = quant
-    cache = [QuantizedKVCache(group_size=group, bits=bits) for _ in model.layers]
+    """Greedy tokens, one sequence, mlx_lm's own single-sequence cache (quantized when
+    ``quant`` = (bits, group size), plain when None)."""
+    cache = [QuantizedKVCache(group_size=quant[1], bits=quant[0]) if quant else KVCache() for _ in model.layers]
     logits = model(mx.array([prompt]), cache=cache)[:, -1]
     out = []
     for _ in range(n):
-        tok = int(mx.argmax(logits, axis=-1).item())
-        out.append(tok)
-        logits = model(mx.array([[tok]]), cache=cache)[:, -1]
+        out.append(int(mx.argmax(logits, axis=-1).item()))
+        logits = model(mx.array([[out[-1]]]), cache=cache)[:, -1]
     return out
 
 
@@ -81,18 +80,8 @@ def test_batched_quantized_cache_gives_what_one_sequence_at_a_time_gives(tiny, b
     assert quant == (bits, 32)  # the tiny model's heads are 32 wide: groups of 64 do not fit
     want = [one_at_a_time(info.model, p, n, quant) for p, n in zip(PROMPTS, MAX_TOKENS)]
     assert batched(info.model, quant, late) == want
-    plain = [one_at_a_time_plain(info.model, p, n) for p, n in zip(PROMPTS, MAX_TOKENS)]
+    plain = [one_at_a_time(info.model, p, n, None) for p, n in zip(PROMPTS, MAX_TOKENS)]
     assert plain != want or bits == 8  # 4 bits changes this random model's choices somewhere
-
-
-def one_at_a_time_plain(model, prompt, n):
-    cache = [KVCache() for _ in model.layers]
-    logits = model(mx.array([prompt]), cache=cache)[:, -1]
-    out = []
-    for _ in range(n):
-        out.append(int(mx.argmax(logits, axis=-1).item()))
-        logits = model(mx.array([[out[-1]]]), cache=cache)[:, -1]
-    return out
 
 
 def test_merge_extract_round_trip_keeps_every_sequence_exactly():
