@@ -159,7 +159,7 @@ class Engine:
         observer: Any = None,
     ):
         self._load = load
-        self.kv_bits = kv_bits  # None: mlx_lm's own KV cache; 4 / 8: runtime.kv_cache
+X
         self._kv_quant: tuple[int, int] | None = None  # (bits, group size) once the model is checked
         self.max_batch = max_batch
         self.max_queue = max_queue
