@@ -159,7 +159,7 @@ class Engine:
         observer: Any = None,
     ):
         self._load = load
-X
+        self.kv_bits = kv_bits  # None: mlx_lm's own KV cache; else quantized (runtime.kv_cache; serve offers 8)
         self._kv_quant: tuple[int, int] | None = None  # (bits, group size) once the model is checked
         self.max_batch = max_batch
         self.max_queue = max_queue
