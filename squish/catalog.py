@@ -25,6 +25,10 @@ class CatalogEntry:
     params_b: float  # parameters, in billions
     notes: str = ""
     bits: int = 4  # what `squish serve NAME` / `squish quantize NAME` build unless told otherwise
+    # Built by keeping the GGUF source's own codes (squish.quant.gguf_codes), not calibrated;
+    # ``bits`` is then the bits most of its weights keep (an upper bound for sizing). A
+    # --bits/--group-size build calibrates, at ``bits`` unless told.
+    keep_gguf_codes: bool = False
 
     @property
     def gated(self) -> bool:

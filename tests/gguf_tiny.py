@@ -52,6 +52,40 @@ def spm_vocab(pieces=("▁t", "he", "▁the", "▁a", "at", "▁c", "▁cat"), *
             "tokenizer.ggml.add_space_prefix": not gemma}
 
 
+# Byte offsets of the float16 scale(s) in one block, for the types the library can
+# dequantize but not quantize: random bytes there could be NaN/Inf, so they get a
+# sane scale and everything else stays random.
+F16_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+              "IQ2_XXS": (0,), "IQ2_XS": (0,), "IQ2_S": (0,), "IQ3_XXS": (0,), "IQ3_S": (0,),
+              "IQ1_S": (0,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
+
+
+def blocks_for(type_name: str, rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Raw bytes [rows, bytes per row] of a ``type_name`` tensor with 2 blocks per row."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[type_name]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    x = rng.standard_normal((rows, 2 * block)).astype(np.float32)
+    if type_name == "F32":
+        return x
+    if type_name == "F16":
+        return x.astype(np.float16)
+    try:
+        return gguf.quants.quantize(x, qtype)
+    except NotImplementedError:
+        pass
+    raw = rng.integers(0, 256, (rows * 2, size), dtype=np.uint8)
+    scale = rng.uniform(0.01, 0.1, (rows * 2, 1)).astype(np.float16).view(np.uint8)
+    if type_name == "IQ1_M":  # its scale is spread over the top nibbles of four uint16s
+        s = np.full((rows * 2, 4), 0x3C00, np.uint16)  # 1.0
+        raw[:, -8:] = ((raw[:, -8:].view(np.uint16) & 0x0FFF)
+                       | ((s >> np.array([0, 4, 8, 12], np.uint16)) & 0xF) << 12).view(np.uint8)
+    for off in F16_SCALES.get(type_name, ()):
+        raw[:, off:off + 2] = scale
+    return raw.reshape(rows, 2 * size)
+
+
 def write_gguf(path: Path, arch: str, meta: dict, tensors: dict) -> Path:
     """``tensors``: name -> float array (F32 / F16 by dtype) or (raw uint8 bytes, type name)."""
     import gguf
@@ -195,9 +229,16 @@ def gguf_metadata(family: str) -> dict:
     return meta
 
 
-def write_model(path: Path, family: str, *, seed: int = 0, vocab_meta: dict | None = None
-                ) -> tuple[Path, dict, dict]:
-    """A tiny GGUF of ``family``; returns (path, HF config, HF-layout float32 weights)."""
+def write_model(path: Path, family: str, *, seed: int = 0, vocab_meta: dict | None = None,
+                qtypes: dict[str, str] | None = None) -> tuple[Path, dict, dict]:
+    """A tiny GGUF of ``family``; returns (path, HF config, HF-layout float32 weights).
+
+    ``qtypes``: GGUF tensor kind (``attn_q``, ``token_embd``, ...) -> a type the ``gguf``
+    library quantizes (Q4_0, Q8_0, ...): those weights are stored quantized, so the
+    returned float weights are then only what was quantized, not what the file holds."""
+    import gguf
+
+    qtypes = qtypes or {}
     vocab_meta = vocab_meta or (spm_vocab(gemma=True) if family == "gemma3" else bpe_vocab())
     vocab = len(vocab_meta["tokenizer.ggml.tokens"])
     config = {**HF_CONFIGS[family], "vocab_size": vocab}
@@ -211,6 +252,10 @@ def write_model(path: Path, family: str, *, seed: int = 0, vocab_meta: dict | No
             x = llama_cpp_permute(x, heads)
         if family == "gemma3" and g.endswith("norm.weight"):
             x = x + np.float32(1.0)
+        kind = g.split(".")[-2] if g.startswith("blk.") else g.removesuffix(".weight")
+        if kind in qtypes and x.ndim == 2:
+            qtype = gguf.GGMLQuantizationType[qtypes[kind]]
+            x = (gguf.quants.quantize(x, qtype), qtypes[kind])
         tensors[g] = x
     write_gguf(path, arch, {**gguf_metadata(family), **vocab_meta}, tensors)
     return Path(path), config, weights

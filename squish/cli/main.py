@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 
 from squish import __version__
-from squish.errors import SquishError
+from squish.errors import InputError, SquishError
 
 EPILOG = """examples:
   squish serve                              serve the best model for this machine on 127.0.0.1:8000
@@ -41,12 +41,18 @@ def _register_quantize(sub) -> None:
     p = _add(sub, "quantize", "build a Squish artifact from a model source",
              "  squish quantize smollm2:135m\n"
              "  squish quantize ./SmolLM2-135M-Instruct.Q4_1.gguf --bits 8 -o ./smol8\n"
-             "  squish quantize Qwen/Qwen2.5-1.5B-Instruct --group-size 64 --calib notes.txt\n")
+             "  squish quantize Qwen/Qwen2.5-1.5B-Instruct --group-size 64 --calib notes.txt\n"
+             "  squish quantize ./gemma-3-270m-q4_k_m.gguf --keep-gguf-codes\n")
     p.add_argument("source", help="HF folder, .gguf file, catalog name (see `squish models --catalog`) or hub id")
-    p.add_argument("-o", "--output", type=Path, help="artifact folder (default: $SQUISH_HOME/models/NAME-BITSbit)")
+    p.add_argument("-o", "--output", type=Path, help="artifact folder (default: $SQUISH_HOME/models/NAME-BITSbit, "
+                                                             "NAME-gguf with --keep-gguf-codes)")
     p.add_argument("--bits", type=int, help="4 (default, production), 8, or 3 (experimental); a catalog "
                                           "name builds at its own default (`squish models --catalog`)")
-    p.add_argument("--group-size", type=int, default=64, help="32, 64 (default) or 128")
+    p.add_argument("--group-size", type=int, help="32, 64 (default) or 128")
+    p.add_argument("--keep-gguf-codes", action="store_true",
+                   help="GGUF source only: keep the file's own 4/5/8-bit codes where MLX's format holds "
+                        "them exactly (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K, group 32) and round the rest "
+                        "at 8 bits; no calibration. Not with --bits/--group-size/--calib*")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="dtype of scales/biases/norms (default: from the hardware; float32 on CPU)")
     p.add_argument("--calib", type=Path, dest="calib_file", help="calibration text file (default: text the model generates itself)")
@@ -63,12 +69,24 @@ def _quantize(args) -> int:
     from squish import catalog
     from squish.quant.pipeline import BuildOptions, build
 
+    entry = catalog.CATALOG.get(args.source.lower()) if catalog.looks_like_catalog_name(args.source) else None
+    explicit = [flag for flag, v in (("--bits", args.bits), ("--group-size", args.group_size),
+                                     ("--calib", args.calib_file)) if v is not None]
+    explicit += [flag for flag, v, default in (("--calib-samples", args.calib_samples, 32),
+                                               ("--calib-seq-len", args.calib_seq_len, 128),
+                                               ("--seed", args.seed, 0)) if v != default]
+    if args.keep_gguf_codes and explicit:
+        raise InputError(f"--keep-gguf-codes keeps the file's own bits and groups and needs no "
+                         f"calibration: drop {', '.join(explicit)}")
+    if entry is not None and entry.keep_gguf_codes and not explicit:
+        args.keep_gguf_codes = True  # the catalog entry's own default
     if args.bits is None:
-        entry = catalog.CATALOG.get(args.source.lower()) if catalog.looks_like_catalog_name(args.source) else None
         args.bits = entry.bits if entry else 4
+    if args.group_size is None:
+        args.group_size = 64
     opts = BuildOptions(**{k: getattr(args, k) for k in (
         "bits", "group_size", "dtype", "calib_file", "calib_samples", "calib_seq_len",
-        "seed", "output", "force", "keep_failed", "quiet")})
+        "seed", "output", "force", "keep_failed", "quiet", "keep_gguf_codes")})
     result = build(args.source, opts)
     print(result.path)
     return 0 if result.passed else 1
@@ -114,7 +132,7 @@ def _catalog_table(args) -> int:
     for e in catalog.CATALOG.values():
         need = catalog.memory_need(e) if e.name in catalog.SHAPES else None
         rows.append({"name": e.name, "source": e.source, "params": f"{e.params_b:g}B", "bits": e.bits,
-                     "notes": e.notes,
+                     "keep_gguf_codes": e.keep_gguf_codes, "notes": e.notes,
                      "memory_need_bytes": need,
                      "min_memory_bytes": need and sizing.smallest_machine_bytes(need)})
     if args.json:
@@ -126,9 +144,14 @@ def _catalog_table(args) -> int:
         need = f"{r['memory_need_bytes'] / 1e9:.1f} GB" if r["memory_need_bytes"] else "-"
         ram = f"{math.ceil(r['min_memory_bytes'] / 2**30)} GiB" if r["min_memory_bytes"] else "-"
         print(r["name"] if args.quiet else
-              f"{r['name']:<14} {r['params']:>7} {r['bits']:>4} {need:>7} {ram:>8}  {r['source']}  "
+              f"{r['name']:<14} {r['params']:>7} {_bits_cell(r):>4} {need:>7} {ram:>8}  {r['source']}  "
               f"{r['notes']}".rstrip())
     return 0
+
+
+def _bits_cell(row: dict) -> str:
+    """The bits of a calibrated build; ``gguf`` for one that keeps its GGUF file's codes."""
+    return "gguf" if row["keep_gguf_codes"] else str(row["bits"])
 
 
 def _register_rm(sub) -> None:

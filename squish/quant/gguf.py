@@ -25,9 +25,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from squish.errors import InputError
 from squish.quant.gguf_arch import LAYER_RE, Family, build_config, family
-from squish.quant.gguf_file import SUPPORTED_TYPES, GGUFFile, open_gguf, read_tensor
+from squish.quant.gguf_file import SUPPORTED_TYPES, GGUFFile, TensorInfo, open_gguf, read_tensor
 from squish.quant.reference import Reference
 
 
@@ -110,6 +112,14 @@ class GGUFTensors(Mapping):
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of a tensor without reading it."""
         return self._gguf.tensors[self._names[name]].shape
+
+    def raw(self, name: str) -> tuple[Path, TensorInfo, Any]:
+        """``(file, table entry, row order)`` of a tensor, for reading its stored codes
+        (:mod:`squish.quant.gguf_codes`); the row order is what :meth:`__getitem__` applies
+        to the rows (None: as stored)."""
+        info = self._gguf.tensors[self._names[name]]
+        rows = int(np.prod(info.shape[:-1], dtype=np.int64))
+        return self._gguf.path, info, self._fam.row_order(info.name, rows, self._config)
 
 
 # --- identity --------------------------------------------------------------------------

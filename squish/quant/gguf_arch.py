@@ -65,14 +65,29 @@ class Family:
 
     def transform(self, gguf_name: str, x: Any, config: dict) -> Any:
         """Undo llama.cpp's layout changes on one float32 tensor (numpy or MLX array)."""
-        m = LAYER_RE.fullmatch(gguf_name)
-        kind = m[2] if m else gguf_name.removesuffix(".weight")
-        if self.qk_permuted and kind in ("attn_q", "attn_k"):
-            heads = config["num_attention_heads" if kind == "attn_q" else "num_key_value_heads"]
+        heads = self._permuted_heads(gguf_name, config)
+        if heads:
             x = unpermute_qk_rows(x, heads)
-        if self.norm_plus_one and kind.endswith("norm"):
+        if self.norm_plus_one and _kind(gguf_name).endswith("norm"):
             x = x - 1.0  # float32 stays float32 (numpy and MLX arrays alike)
         return x
+
+    def row_order(self, gguf_name: str, rows: int, config: dict) -> np.ndarray | None:
+        """The row permutation :meth:`transform` applies, as indices (for quantized codes,
+        which must not go through float maths), or None where it applies none."""
+        heads = self._permuted_heads(gguf_name, config)
+        return unpermute_qk_rows(np.arange(rows), heads) if heads else None
+
+    def _permuted_heads(self, gguf_name: str, config: dict) -> int | None:
+        kind = _kind(gguf_name)
+        if self.qk_permuted and kind in ("attn_q", "attn_k"):
+            return config["num_attention_heads" if kind == "attn_q" else "num_key_value_heads"]
+        return None
+
+
+def _kind(gguf_name: str) -> str:
+    m = LAYER_RE.fullmatch(gguf_name)
+    return m[2] if m else gguf_name.removesuffix(".weight")
 
 
 def unpermute_qk_rows(x: Any, n_heads: int) -> Any:

@@ -45,6 +45,9 @@ class BuildOptions:
     force: bool = False
     keep_failed: bool = False
     quiet: bool = False
+    # A GGUF source's codes carried over where MLX's format holds them exactly; the rest
+    # rounded at 8 bits (squish.quant.gguf_codes). No calibration; bits/group size unused.
+    keep_gguf_codes: bool = False
 
 
 @dataclass
@@ -154,43 +157,57 @@ def _build(source: str, opts: BuildOptions, dtype: str, workdir: Path, t0: float
     from squish.quant.evaluate import evaluate
     from squish.quant.quantize import QuantSpec, quantize_model
 
-    target = Path(opts.output) if opts.output else models_dir() / f"{ref.name}-{opts.bits}bit"
-    need = estimate_bytes(ref.config, opts.bits, opts.group_size, dtype)
+    if opts.keep_gguf_codes and ref.source.get("kind") != "gguf":
+        raise InputError(f"--keep-gguf-codes needs a GGUF file; {source} is a "
+                         f"{ref.source.get('kind')} source")
+    suffix = "gguf" if opts.keep_gguf_codes else f"{opts.bits}bit"
+    target = Path(opts.output) if opts.output else models_dir() / f"{ref.name}-{suffix}"
+    need = (estimate_bytes(ref.config, 8, 32, dtype) if opts.keep_gguf_codes
+            else estimate_bytes(ref.config, opts.bits, opts.group_size, dtype))
     free = hardware.free_disk_bytes(target.parent)
     if free < need:
         raise SystemFailure(
             f"not enough disk space at {target.parent}: the artifact needs about "
             f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB are free"
         )
-    from mlx_lm.utils import load_tokenizer
-
-    tokenizer = load_tokenizer(ref.tokenizer_dir)
     with ArtifactWriter(target, overwrite=opts.force) as writer, _progress(opts.quiet) as progress:
-        _say(opts.quiet, f"calibrating ({opts.calib_samples} x {opts.calib_seq_len} tokens) ...")
-        calib, calib_summary = calibration_tokens(
-            ref,
-            tokenizer,
-            calib_file=opts.calib_file,
-            n_samples=opts.calib_samples,
-            seq_len=opts.calib_seq_len,
-            seed=opts.seed,
-            progress=progress,
-        )
-        spec = QuantSpec(bits=opts.bits, group_size=opts.group_size, dtype=dtype)
-        _say(opts.quiet, f"quantizing to INT{opts.bits} g{opts.group_size} ({dtype}) ...")
-        outcome = quantize_model(ref, calib, spec, writer.add, progress)
+        if opts.keep_gguf_codes:
+            from squish.quant.gguf_codes import keep_codes
+
+            _say(opts.quiet, f"keeping the GGUF file's codes ({dtype} scales) ...")
+            outcome, calib_summary = keep_codes(ref, dtype, writer.add, progress), None
+        else:
+            from mlx_lm.utils import load_tokenizer
+
+            _say(opts.quiet, f"calibrating ({opts.calib_samples} x {opts.calib_seq_len} tokens) ...")
+            calib, calib_summary = calibration_tokens(
+                ref,
+                load_tokenizer(ref.tokenizer_dir),
+                calib_file=opts.calib_file,
+                n_samples=opts.calib_samples,
+                seq_len=opts.calib_seq_len,
+                seed=opts.seed,
+                progress=progress,
+            )
+            spec = QuantSpec(bits=opts.bits, group_size=opts.group_size, dtype=dtype)
+            _say(opts.quiet, f"quantizing to INT{opts.bits} g{opts.group_size} ({dtype}) ...")
+            outcome = quantize_model(ref, calib, spec, writer.add, progress)
+        bits = outcome.recipe["bits"]
         writer.copy_tokenizer(ref.tokenizer_dir)
         config = {**ref.config, "quantization": outcome.quantization}
         config["quantization_config"] = outcome.quantization
         writer.write_config(config)
         writer.close_weights()
         _say(opts.quiet, "evaluating against the reference on held-out text ...")
-        report = evaluate(ref, writer.staging_dir, bits=opts.bits, progress=progress)
+        # Kept codes are the file's own values and the rest is at 8 bits: INT8's gate applies.
+        gate_bits = 8 if opts.keep_gguf_codes else bits
+        report = evaluate(ref, writer.staging_dir, bits=gate_bits, progress=progress)
         if not opts.quiet:
             print(report.table(), file=sys.stderr)
         if not report.passed and not opts.keep_failed:
+            what = "kept-codes" if opts.keep_gguf_codes else f"INT{bits}"
             raise InputError(
-                f"the INT{opts.bits} build of {source} failed its quality gate (see the table above); "
+                f"the {what} build of {source} failed its quality gate (see the table above); "
                 "no artifact was written. Try more bits or a smaller group size, or pass "
                 "--keep-failed to keep it marked as failed."
             )
@@ -212,11 +229,11 @@ def _manifest(ref, opts, dtype, outcome, calib_summary, report, t0) -> dict:
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": ref.source,
         "quantization": {
-            "bits": opts.bits,
-            "group_size": opts.group_size,
+            "bits": outcome.recipe["bits"],
+            "group_size": outcome.recipe["group_size"],
             "dtype": dtype,
             "built_for_backend": hardware.backend(),
-            "experimental": opts.bits == 3,
+            "experimental": outcome.recipe["experimental"],
             "recipe": outcome.recipe,
         },
         "calibration": calib_summary,

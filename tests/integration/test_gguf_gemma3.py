@@ -115,3 +115,23 @@ def test_greedy_completions_are_coherent(model, tokenizer):
                                               "mango", "strawberr", "plum", "lemon")), fruits
     logits = model(mx.array([tokenizer.encode("The capital of France is")]))
     assert bool(mx.all(mx.isfinite(logits)))
+
+
+def test_kept_codes_are_the_files_values(ref):
+    """`--keep-gguf-codes` on the real K-quant file: one tensor of each kept type
+    dequantizes in MLX to exactly the reference's float32 values."""
+    from squish.quant.gguf_codes import read_codes
+    from squish.quant.packing import pack
+
+    t = ref.tensors()
+    seen = set()
+    for name in ["model.embed_tokens.weight", *[k for k in t if k.startswith("model.layers.0.")
+                                                   and k.endswith("proj.weight")]]:
+        path, info, order = t.raw(name)
+        if info.type_name in seen or info.type_name == "Q6_K":
+            continue
+        seen.add(info.type_name)
+        q, s, b, bits = read_codes(path, info, order)
+        got = mx.dequantize(mx.array(pack(q, bits)), mx.array(s), mx.array(b), group_size=32, bits=bits)
+        assert bool(mx.array_equal(got, t[name])), name
+    assert seen == {"Q4_K", "Q5_0", "Q8_0"}

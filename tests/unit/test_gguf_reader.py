@@ -13,44 +13,12 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gguf_tiny import write_gguf, write_model  # noqa: E402
+from gguf_tiny import blocks_for, write_gguf, write_model  # noqa: E402
 
 from squish.errors import InputError  # noqa: E402
 from squish.quant import gguf_file  # noqa: E402
 from squish.quant.gguf import load_gguf  # noqa: E402
 from squish.quant.gguf_file import SUPPORTED_TYPES, open_gguf  # noqa: E402
-
-# Byte offsets of the float16 scale(s) in one block, for the types the library can
-# dequantize but not quantize: random bytes there could be NaN/Inf, so they get a
-# sane scale and everything else stays random.
-F16_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
-              "IQ2_XXS": (0,), "IQ2_XS": (0,), "IQ2_S": (0,), "IQ3_XXS": (0,), "IQ3_S": (0,),
-              "IQ1_S": (0,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
-
-
-def blocks_for(type_name: str, rows: int, rng: np.random.Generator) -> np.ndarray:
-    """Raw bytes [rows, bytes per row] of a ``type_name`` tensor with 2 blocks per row."""
-    qtype = gguf.GGMLQuantizationType[type_name]
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    x = rng.standard_normal((rows, 2 * block)).astype(np.float32)
-    if type_name == "F32":
-        return x
-    if type_name == "F16":
-        return x.astype(np.float16)
-    try:
-        return gguf.quants.quantize(x, qtype)
-    except NotImplementedError:
-        pass
-    raw = rng.integers(0, 256, (rows * 2, size), dtype=np.uint8)
-    scale = rng.uniform(0.01, 0.1, (rows * 2, 1)).astype(np.float16).view(np.uint8)
-    if type_name == "IQ1_M":  # its scale is spread over the top nibbles of four uint16s
-        s = np.full((rows * 2, 4), 0x3C00, np.uint16)  # 1.0
-        raw[:, -8:] = ((raw[:, -8:].view(np.uint16) & 0x0FFF)
-                       | ((s >> np.array([0, 4, 8, 12], np.uint16)) & 0xF) << 12).view(np.uint8)
-    for off in F16_SCALES.get(type_name, ()):
-        raw[:, off:off + 2] = scale
-    return raw.reshape(rows, 2 * size)
-
 
 @pytest.mark.parametrize("type_name", SUPPORTED_TYPES)
 def test_every_type_dequantizes_as_the_library_does(tmp_path, type_name, monkeypatch):
