@@ -78,16 +78,16 @@ def smollm2_artifact(smollm2_gguf, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def gemma3_artifact(gemma3_gguf, tmp_path_factory) -> Path:
-    """Gemma 3 270M built calibrated at its catalog bits (INT8), with 16 x 64 calibration tokens (production:
-    32 x 128) to keep CI's time; ``SQUISH_TEST_GEMMA3_ARTIFACT=PATH`` reuses a build."""
+    """Gemma 3 270M built as the catalog builds it: the GGUF file's own codes kept
+    (``--keep-gguf-codes``); ``SQUISH_TEST_GEMMA3_ARTIFACT=PATH`` reuses a build."""
     from squish.quant.pipeline import BuildOptions, build
 
     if given := os.environ.get("SQUISH_TEST_GEMMA3_ARTIFACT"):
         return Path(given)
-    out = tmp_path_factory.mktemp("artifacts") / "gemma-3-270m-8bit"
+    out = tmp_path_factory.mktemp("artifacts") / "gemma-3-270m-gguf"
     home = tmp_path_factory.mktemp("build-home-gemma3")
     result = _with_home(home, lambda: build(str(gemma3_gguf), BuildOptions(
-        output=out, bits=8, calib_samples=16, calib_seq_len=64, quiet=True, keep_failed=True)))
+        output=out, keep_gguf_codes=True, quiet=True, keep_failed=True)))
     return result.path
 
 

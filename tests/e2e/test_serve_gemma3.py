@@ -1,11 +1,11 @@
 """Real Gemma 3 270M, the catalog's gemma3:270m (a Q4_K_M GGUF from four PyPI wheels), built
-the way `squish quantize` builds it: the calibrated INT4 artifact passes its quality gate,
-its head stays tied to the embedding, it loads unchanged in mlx_lm and in Squish (the same
-logits), completes text coherently, and `squish serve` answers a chat request with it.
+the way `squish quantize gemma3:270m` builds it (the file's own codes kept): the artifact
+passes its quality gate, its head stays tied to the embedding, it loads unchanged in mlx_lm
+and in Squish (the same logits), completes text coherently, and `squish serve` answers a
+chat request with it.
 
-The file holds the pretrained (base) model, so coherence is checked on completions. The
-build here calibrates on 16 x 64 self-generated tokens instead of the production 32 x 128
-to keep CI's time; benchmarks/quant_quality.py measures the full recipe against RTN."""
+The file holds the pretrained (base) model, so coherence is checked on completions.
+benchmarks/quant_quality.py measures kept codes against calibrated INT4/INT8 and RTN."""
 
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ def test_build_passes_its_gate_with_a_tied_head(gemma3_artifact):
     assert manifest["quality"]["passed"], manifest["quality"]
     assert manifest["source"]["kind"] == "gguf"
     recipe = manifest["quantization"]["recipe"]
-    assert recipe["architecture"] == "gemma3_text" and recipe["method"] == "awq+clip+gptq"
+    assert recipe["architecture"] == "gemma3_text" and recipe["method"] == "gguf-codes"
+    # Q4_K_M: Q4_K, Q5_0 and Q8_0 kept as they are; Q6_K (16-value sub-blocks) at 8 bits
+    assert recipe["kept_gguf_types"] == {"Q4_K": 27, "Q5_0": 81, "Q8_0": 10}
+    assert {r["type"] for r in recipe["rounded"].values()} == {"Q6_K"} and len(recipe["rounded"]) == 9
     keys = set(json.loads((gemma3_artifact / "model.safetensors.index.json").read_text())["weight_map"]) \
         if (gemma3_artifact / "model.safetensors.index.json").exists() else set(mx.load(
             str(gemma3_artifact / "model.safetensors")))

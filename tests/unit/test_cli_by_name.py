@@ -142,6 +142,8 @@ def test_build_plan_says_download_disk_and_time():
     assert disk == catalog.source_bytes(catalog.CATALOG["qwen3:8b"]) + catalog.weight_bytes(catalog.CATALOG["qwen3:8b"])
     line, _ = build_plan(catalog.CATALOG["smollm2:135m"], dtype_bytes=4, cores=2)
     assert "from PyPI" in line and "roughly 4 min on 2 cores" in line  # the measured 231 s
+    line, _ = build_plan(catalog.CATALOG["gemma3:270m"], dtype_bytes=4, cores=2)
+    assert "roughly 3 min on 2 cores" in line  # kept GGUF codes: the measured 162 s
     line, disk = build_plan(catalog.CATALOG["qwen3:8b"], dtype_bytes=2, cores=10, cached=True)
     assert "its source is already in the cache, needs about 5.2 GB of disk" in line
     assert disk == catalog.weight_bytes(catalog.CATALOG["qwen3:8b"])
@@ -158,26 +160,32 @@ def test_catalog_build_without_disk_space_stops_before_building(monkeypatch, cap
     assert not _isolated_home.exists() or not any(_isolated_home.rglob("*"))
 
 
-def test_a_catalog_entry_builds_at_its_own_bits_unless_told(monkeypatch, capsys):
-    """gemma3:270m builds at INT8 (INT4 misses its quality gate, docs/models.md); `--bits`
-    still decides when given, and every other source defaults to INT4."""
+def test_a_catalog_entry_builds_its_own_way_unless_told(monkeypatch, capsys):
+    """gemma3:270m keeps its GGUF file's codes (calibrated INT4 loses coherence,
+    docs/models.md); `--bits` or `--group-size` still calibrate when given, and every other
+    source defaults to calibrated INT4."""
     import squish.quant.pipeline as pipeline
     from squish.cli import fetch
 
     seen = []
 
     def fake_build(source, opts):
-        seen.append((source, opts.bits))
+        seen.append((source, "codes" if opts.keep_gguf_codes else opts.bits))
         return pipeline.BuildResult(path=Path("/nowhere"), passed=True, report=None, seconds=0.0)
 
     monkeypatch.setattr(pipeline, "build", fake_build)
     assert main(["quantize", "gemma3:270m", "--quiet"]) == 0
     assert main(["quantize", "Gemma3:270M", "--bits", "4", "--quiet"]) == 0
+    assert main(["quantize", "gemma3:270m", "--group-size", "32", "--quiet"]) == 0
     assert main(["quantize", "smollm2:135m", "--quiet"]) == 0
     monkeypatch.setattr(fetch, "_source_reachable", lambda entry: None)
     fetch.build_catalog(catalog.CATALOG["gemma3:270m"], quiet=True)
-    assert seen == [("gemma3:270m", 8), ("Gemma3:270M", 4), ("smollm2:135m", 4), ("gemma3:270m", 8)]
+    assert seen == [("gemma3:270m", "codes"), ("Gemma3:270M", 4), ("gemma3:270m", 8),
+                    ("smollm2:135m", 4), ("gemma3:270m", "codes")]
     capsys.readouterr()
     assert main(["models", "--catalog", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert rows["gemma3:270m"]["bits"] == 8 and rows["smollm2:135m"]["bits"] == 4
+    assert rows["gemma3:270m"]["keep_gguf_codes"] and not rows["smollm2:135m"]["keep_gguf_codes"]
+    assert main(["models", "--catalog"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("gemma3:270m"))
+    assert line.split()[2] == "gguf"
