@@ -21,6 +21,10 @@ Config syntax ``bits:group:method`` where method is ``squish`` (awq+clip+gptq,
 isolate the algorithm's contribution), or any ``awq+clip+gptq`` subset, optionally
 suffixed ``@e<bits>`` for the embedding bits (``@e4`` = uniform).
 
+The config ``gguf-codes`` is ``squish quantize FILE.gguf --keep-gguf-codes``: the
+file's own codes kept where MLX's format holds them, the rest at 8 bits, no calibration
+(``squish.quant.gguf_codes``); its KLD is against the same dequantized-GGUF reference.
+
 ``--more-bits REGEX=BITS`` (repeatable) is a sensitivity experiment: every quantized
 module whose path matches ``REGEX`` gets ``BITS`` in every config, e.g.
 ``--more-bits 'self_attn\.=8'`` for 8-bit attention in a 4-bit build.
@@ -89,11 +93,17 @@ def more_bits(ref, specs: list[str]) -> tuple[tuple[str, int], ...]:
 
 
 def build_dir(ref, calib, spec, method, mixed, out: Path):
-    """Quantize and write a minimal mlx_lm-loadable directory (no manifest)."""
+    """Quantize and write a minimal mlx_lm-loadable directory (no manifest). ``spec`` None:
+    keep the GGUF file's codes (``calib``, ``method`` and ``mixed`` unused)."""
+    from squish.quant.gguf_codes import keep_codes
+
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    outcome = quantize_model(ref, calib, spec, lambda k, v: tensors.__setitem__(k, v),
-                             method=method, mixed=mixed)
+    if spec is None:
+        outcome = keep_codes(ref, "float32", tensors.__setitem__)
+    else:
+        outcome = quantize_model(ref, calib, spec, lambda k, v: tensors.__setitem__(k, v),
+                                 method=method, mixed=mixed)
     mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": "mlx"})
     cfg = {**ref.config, "quantization": outcome.quantization, "quantization_config": outcome.quantization}
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
@@ -127,7 +137,6 @@ def main(argv=None) -> int:
 
     from mlx_lm.utils import load_tokenizer
 
-    from squish.quant.calibrate import calibration_tokens
     from squish.quant.gguf import load_gguf
 
     if a.gguf is None:
@@ -150,34 +159,30 @@ def main(argv=None) -> int:
     try:
         ref = load_gguf(Path(a.gguf), work / "ref")
         tok = load_tokenizer(ref.tokenizer_dir)
-        t = time.perf_counter()
-        if a.calib_tokens:
-            import numpy as np
-
-            calib = mx.array(np.load(a.calib_tokens).astype(np.int32))
-            cs = {"source": "npy", "file": a.calib_tokens, "shape": list(calib.shape)}
-        else:
-            calib, cs = calibration_tokens(ref, tok, calib_file=None, n_samples=a.calib_samples,
-                                           seq_len=a.calib_seq_len, seed=a.seed)
-            np_path = dest / "calib_tokens.npy"
-            __import__("numpy").save(np_path, __import__("numpy").array(calib))
-        csum.update(cs)
-        print(f"calibration: {csum} ({time.perf_counter() - t:.1f} s)", flush=True)
+        configs = a.configs.split(",")
+        calib = None
+        if any(c != "gguf-codes" for c in configs):
+            calib = _calibration(a, ref, tok, dest, csum)
         rows = []
         more = more_bits(ref, a.more_bits)
-        for c in a.configs.split(","):
-            bits, gs, meth, mixed = parse_config(c)
-            if more:
-                mixed = MixedPolicy(embed_bits=mixed.embed_bits, overrides=more)
-            spec = QuantSpec(bits=bits, group_size=gs, dtype="float32")
+        for c in configs:
+            if c == "gguf-codes":
+                meth, mixed, spec = "gguf-codes", UNIFORM, None
+            else:
+                bits, gs, meth, mixed = parse_config(c)
+                if more:
+                    mixed = MixedPolicy(embed_bits=mixed.embed_bits, overrides=more)
+                spec = QuantSpec(bits=bits, group_size=gs, dtype="float32")
             t = time.perf_counter()
             outcome = build_dir(ref, calib, spec, meth, mixed, work / c.replace(":", "_"))
             tq = time.perf_counter() - t
             rep = evaluate(ref, work / c.replace(":", "_"), thresholds=NO_GATE, window=a.window,
                            max_windows=a.windows, coherence=a.coherence)
             m = rep.metrics
+            bits, gs = outcome.recipe["bits"], outcome.recipe["group_size"]
             row = {"config": c, "bits": bits, "group_size": gs, "method": outcome.recipe["method"],
-                   "embed_bits": mixed.bits_for("model.embed_tokens", bits, top=True),
+                   "embed_bits": (None if spec is None
+                                  else mixed.bits_for("model.embed_tokens", bits, top=True)),
                    "bpw": outcome.recipe["bits_per_weight"], "quantize_s": round(tq, 1),
                    "more_bits": a.more_bits,
                    "recipe": outcome.recipe, **m}
@@ -194,6 +199,27 @@ def main(argv=None) -> int:
     save(rows)
     print(f"\nwrote {dest}")
     return 0
+
+
+def _calibration(a, ref, tok, dest: Path, csum: dict):
+    """Calibration tokens: from ``--calib-tokens``, else self-generated and saved beside the
+    results (to reuse with ``--calib-tokens``)."""
+    from squish.quant.calibrate import calibration_tokens
+
+    t = time.perf_counter()
+    if a.calib_tokens:
+        import numpy as np
+
+        calib = mx.array(np.load(a.calib_tokens).astype(np.int32))
+        cs = {"source": "npy", "file": a.calib_tokens, "shape": list(calib.shape)}
+    else:
+        calib, cs = calibration_tokens(ref, tok, calib_file=None, n_samples=a.calib_samples,
+                                       seq_len=a.calib_seq_len, seed=a.seed)
+        np_path = dest / "calib_tokens.npy"
+        __import__("numpy").save(np_path, __import__("numpy").array(calib))
+    csum.update(cs)
+    print(f"calibration: {csum} ({time.perf_counter() - t:.1f} s)", flush=True)
+    return calib
 
 
 def tiny_families(a) -> int:
