@@ -14,7 +14,7 @@ from squish.errors import InputError
 from squish.quant import graph as g
 from squish.quant.gptq import HessianPrep, dequantize, gptq, hessian, output_error, rtn
 from squish.quant.packing import pack
-from squish.quant.quantize import _EMBED_REASON, _MX, decide
+from squish.quant.quantize import _EMBED_REASON, decide, emit_cast
 
 
 class _Build:
@@ -47,11 +47,7 @@ class _Build:
 
     # ---------------------------------------------------------------- emission
     def emit_array(self, name: str, arr) -> None:
-        a = arr if isinstance(arr, mx.array) else mx.array(arr)
-        if mx.issubdtype(a.dtype, mx.floating):
-            a = a.astype(_MX[self.spec.dtype])
-        mx.eval(a)
-        self.emit(name, a)
+        emit_cast(self.emit, name, arr, self.spec.dtype)
 
     def emit_packed(self, path, words, s, b, bits, gs, n) -> None:
         self.emit_array(path + ".weight", words)

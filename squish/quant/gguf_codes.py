@@ -127,14 +127,6 @@ def _half(blocks: np.ndarray, at: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[..., at:at + 2]).view(np.float16).astype(np.float32)
 
 
-def _quantizable(model, path: str, module, cols: int) -> bool:
-    """Where mlx_lm would quantize a module at group size 32."""
-    if not hasattr(module, "to_quantized") or g.kind(module) is None or cols % GROUP:
-        return False
-    pred = getattr(model, "quant_predicate", None)
-    return pred is None or pred(path, module) is not False
-
-
 def keep_codes(ref, dtype: str, emit: Callable[[str, mx.array], None],
                progress: Callable[..., None] | None = None):
     """Write ``ref`` (a GGUF reference) with its codes kept; returns a
@@ -144,7 +136,7 @@ def keep_codes(ref, dtype: str, emit: Callable[[str, mx.array], None],
 
     from squish.quant.gguf import GGUFTensors
     from squish.quant.gptq import rtn
-    from squish.quant.quantize import _MX, QuantOutcome
+    from squish.quant.quantize import UNIFORM, QuantOutcome, QuantSpec, decide, emit_cast
 
     t0 = time.perf_counter()
     T = ref.tensors()
@@ -169,17 +161,15 @@ def keep_codes(ref, dtype: str, emit: Callable[[str, mx.array], None],
     rounded: dict[str, dict] = {}
 
     def out(name: str, a) -> None:
-        a = a if isinstance(a, mx.array) else mx.array(a)
-        if mx.issubdtype(a.dtype, mx.floating):
-            a = a.astype(_MX[dtype])
-        mx.eval(a)
-        emit(name, a)
+        emit_cast(emit, name, a, dtype)
 
+    at_g32 = QuantSpec(bits=FALLBACK_BITS, group_size=GROUP, dtype=dtype)  # where mlx_lm quantizes at g32
     names = sorted(params)
     for i, k in enumerate(names):
         path, _, leaf = k.rpartition(".")
         shape = T.shape(k)
-        if leaf == "weight" and _quantizable(model, path, modules.get(path), shape[-1]):
+        module = modules.get(path)
+        if leaf == "weight" and module is not None and decide(model, path, module, at_g32, UNIFORM, False):
             gpath, info, order = T.raw(k)
             if kept_bits(info.type_name) is not None:
                 q, s, b, bits = read_codes(gpath, info, order)

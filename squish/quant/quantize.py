@@ -136,6 +136,15 @@ _EMBED_REASON = (
 )
 
 
+def emit_cast(emit: Callable[[str, mx.array], None], name: str, arr, dtype: str) -> None:
+    """Emit ``arr`` evaluated, floating point in the artifact ``dtype`` (integers as they are)."""
+    a = arr if isinstance(arr, mx.array) else mx.array(arr)
+    if mx.issubdtype(a.dtype, mx.floating):
+        a = a.astype(_MX[dtype])
+    mx.eval(a)
+    emit(name, a)
+
+
 def decide(model, path: str, module, spec: QuantSpec, mixed: MixedPolicy, top: bool):
     """``(bits, group_size)`` for a module, or None where mlx_lm would leave it in float
     (no ``to_quantized``, rows not a multiple of the group size, the model's
