@@ -136,7 +136,7 @@ def keep_codes(ref, dtype: str, emit: Callable[[str, mx.array], None],
 
     from squish.quant.gguf import GGUFTensors
     from squish.quant.gptq import rtn
-    from squish.quant.quantize import UNIFORM, QuantOutcome, QuantSpec, decide, emit_cast
+    from squish.quant.quantize import UNIFORM, QuantSpec, decide, emit_cast
 
     t0 = time.perf_counter()
     T = ref.tensors()
@@ -160,9 +160,6 @@ def keep_codes(ref, dtype: str, emit: Callable[[str, mx.array], None],
     kept: Counter = Counter()
     rounded: dict[str, dict] = {}
 
-    def out(name: str, a) -> None:
-        emit_cast(emit, name, a, dtype)
-
     at_g32 = QuantSpec(bits=FALLBACK_BITS, group_size=GROUP, dtype=dtype)  # where mlx_lm quantizes at g32
     names = sorted(params)
     for i, k in enumerate(names):
@@ -181,17 +178,17 @@ def keep_codes(ref, dtype: str, emit: Callable[[str, mx.array], None],
                 del w
                 rounded[path] = {"type": info.type_name, "bits": bits, "why": _why(info.type_name)}
             lead = tuple(shape[:-1])
-            out(path + ".weight", pack(q, bits).reshape(*lead, -1))
-            out(path + ".scales", s.reshape(*lead, -1))
-            out(path + ".biases", b.reshape(*lead, -1))
+            emit_cast(emit, path + ".weight", pack(q, bits).reshape(*lead, -1), dtype)
+            emit_cast(emit, path + ".scales", s.reshape(*lead, -1), dtype)
+            emit_cast(emit, path + ".biases", b.reshape(*lead, -1), dtype)
             layers[path] = (q.size, bits)
             del q, s, b
         else:
-            out(k, T[k])
+            emit_cast(emit, k, T[k], dtype)
         mx.clear_cache()
         if progress:
             progress("quantize", i + 1, len(names), "tensor")
-    return _outcome(ref, dtype, layers, kept, rounded, time.perf_counter() - t0, QuantOutcome)
+    return _outcome(ref, dtype, layers, kept, rounded, time.perf_counter() - t0)
 
 
 def _why(type_name: str) -> str:
@@ -202,7 +199,9 @@ def _why(type_name: str) -> str:
             f"group {GROUP}, from the file's values")
 
 
-def _outcome(ref, dtype, layers, kept, rounded, seconds, QuantOutcome):
+def _outcome(ref, dtype, layers, kept, rounded, seconds):
+    from squish.quant.quantize import QuantOutcome
+
     weights = Counter()
     for n, bits in layers.values():
         weights[bits] += n
